@@ -1,0 +1,23 @@
+# Robustness vs. saliency-map alignment (Etmann et al., ICML 2019).
+# Run:  snakemake --cores all [--configfile config/<experiment>.yaml] [--config data_root=...]
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# the default experiment, unless --configfile names another (which then stands alone
+# instead of being merged over the default)
+if not workflow.config_settings.configfiles:
+
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+
+
+rule all:
+    input:
+        final_targets(),
+    default_target: True

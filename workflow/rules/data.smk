@@ -1,0 +1,17 @@
+rule data:
+    output:
+        directory(f"{RESULTS}/data/eval.zarr"),
+    params:
+        dataset=config["dataset"],
+        data_root=config["data_root"],
+        version=stage_version("data", dataset=config["dataset"]),
+    log:
+        f"{LOGS}/data.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        ENV
+    script:
+        "../scripts/data.py"

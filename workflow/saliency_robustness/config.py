@@ -1,0 +1,118 @@
+"""Configuration: schema validation with defaults, the model grid, and stage hashes.
+
+Every stage receives a hash of its own config subset and of the package modules it
+runs as a Snakemake ``params`` entry, so that exactly the changed stages rerun
+(Snakemake tracks a ``script:`` file but not the modules it imports).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from saliency_robustness.errors import ConfigError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SCHEMA_PATH = PACKAGE_DIR.parent / "schemas" / "config.schema.yaml"
+
+
+def _with_defaults(validator_class: type) -> type:
+    """A validator that also fills in each property's ``default`` (jsonschema FAQ recipe)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):  # noqa: ANN001
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    if error.validator == "additionalProperties":
+        # the offending key is only named in the message: point at it directly
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        parts.append(extra[0] if extra else "?")
+        return ".".join(parts)
+    if error.validator == "required":
+        missing = [k for k in error.validator_value if k not in error.instance]
+        parts.append(missing[0] if missing else "?")
+    return ".".join(parts) or "<top level>"
+
+
+def _one_line(error: jsonschema.ValidationError) -> str:
+    key = _key_path(error)
+    if error.validator == "additionalProperties":
+        return f"unknown config key '{key}'"
+    if error.validator == "required":
+        return f"missing config key '{key}'"
+    return f"config key '{key}': {error.message}"
+
+
+def validate_config(config: Mapping[str, Any], schema_path: Path | str = SCHEMA_PATH) -> dict[str, Any]:
+    """Return a validated copy of ``config`` with every default filled in.
+
+    Raises :class:`ConfigError` with one line naming the first offending key.
+    """
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    checked = copy.deepcopy(dict(config))
+    errors = sorted(_Validator(schema).iter_errors(checked), key=lambda e: list(e.absolute_path))
+    if errors:
+        # the most specific error first: deepest path, then schema order
+        best = jsonschema.exceptions.best_match(errors)
+        raise ConfigError(_one_line(best))
+    return checked
+
+
+def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read a YAML config file, apply top-level overrides, validate it."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}".splitlines()[0]) from None
+    raw.update(overrides or {})
+    return validate_config(raw)
+
+
+def model_name(lam: float) -> str:
+    """Readable wildcard value for the model trained with regularization strength ``lam``."""
+    return f"gradnorm-lambda{lam:g}"
+
+
+def model_grid(config: Mapping[str, Any]) -> dict[str, float]:
+    """Model name -> lambda, in the order of the config's grid (duplicates rejected)."""
+    grid: dict[str, float] = {}
+    for lam in config["train"]["lambdas"]:
+        name = model_name(float(lam))
+        if name in grid:
+            raise ConfigError(f"config key 'train.lambdas': {lam} appears twice")
+        grid[name] = float(lam)
+    return grid
+
+
+def fingerprint(value: Any) -> str:
+    """Short stable hash of a JSON-serialisable value."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def code_fingerprint(modules: Iterable[str]) -> str:
+    """Hash of the source of the named modules of this package (e.g. ``["training", "models"]``)."""
+    digest = hashlib.sha256()
+    for module in sorted(set(modules)):
+        digest.update(module.encode())
+        digest.update((PACKAGE_DIR / f"{module}.py").read_bytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,153 @@
+"""Datasets, the model's input space, and the evaluation store ``data/eval.zarr``.
+
+All metrics and attacks live in one space: the tensor the model takes (SPEC §5).
+Images are stored in that space; ``pixel = x + pixel_offset`` maps them back to the
+pixel range, which is where the attack bounds come from. For MNIST the offset is 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from saliency_robustness.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InputSpace:
+    """The model's input space: ``x = pixel - pixel_offset`` with pixels in ``pixel_bounds``."""
+
+    pixel_offset: tuple[float, ...]
+    pixel_bounds: tuple[float, float] = (0.0, 1.0)
+
+    def offset_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.tensor(self.pixel_offset, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.offset_tensor(x.device)
+
+    def from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels - self.offset_tensor(pixels.device)
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> InputSpace:
+        return cls(
+            pixel_offset=tuple(float(v) for v in np.atleast_1d(attrs["pixel_offset"])),
+            pixel_bounds=(float(attrs["pixel_bounds"][0]), float(attrs["pixel_bounds"][1])),
+        )
+
+
+MNIST_INPUT_SPACE = InputSpace(pixel_offset=(0.0,))
+
+
+def _mnist(root: Path, train: bool) -> Any:
+    from torchvision.datasets import MNIST
+
+    try:  # use files that are already there; never write into a complete data root
+        return MNIST(str(root), train=train, download=False)
+    except RuntimeError:
+        pass
+    log.info("MNIST not found under %s: downloading", root)
+    try:
+        return MNIST(str(root), train=train, download=True)
+    except Exception as exc:  # offline: URLError, RuntimeError, PermissionError, ...
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"MNIST not found under data_root={str(root)!r} (expected {root}/MNIST/raw/) "
+            f"and download failed: {reason}"
+        ) from None
+
+
+def load_mnist(root: str | Path, train: bool) -> TensorDataset:
+    """MNIST as float32 tensors ``(N, 1, 28, 28)`` in [0, 1] and int64 labels."""
+    ds = _mnist(Path(root), train)
+    images = ds.data.unsqueeze(1).to(torch.float32).div_(255.0)
+    return TensorDataset(images, ds.targets.to(torch.int64))
+
+
+def open_split(dataset: Mapping[str, Any], data_root: str | Path, split: str) -> tuple[Dataset, InputSpace]:
+    """The ``train`` or ``test`` split of the configured dataset, in the model's input space."""
+    kind = dataset["kind"]
+    if kind == "mnist":
+        return load_mnist(data_root, train=(split == "train")), MNIST_INPUT_SPACE
+    raise DataError(f"unknown dataset kind {kind!r}")
+
+
+def seeded_subset(ds: Dataset, n: int | None, seed: int) -> tuple[Dataset, np.ndarray]:
+    """A seeded choice of ``n`` samples (all when ``n`` is None), in increasing index order."""
+    size = len(ds)  # type: ignore[arg-type]
+    if n is None or n >= size:
+        return ds, np.arange(size)
+    indices = np.sort(np.random.default_rng(seed).choice(size, size=n, replace=False))
+    return Subset(ds, indices.tolist()), indices
+
+
+def stack(ds: Dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """All samples of ``ds`` as two tensors (images, labels)."""
+    xs, ys = [], []
+    for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def eval_dataset(
+    images: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    dataset_index: Sequence[int] | np.ndarray,
+    space: InputSpace,
+    class_names: Sequence[str] | None = None,
+    attrs: Mapping[str, str] | None = None,
+) -> xr.Dataset:
+    """The evaluation set as a labelled dataset (dims ``sample, channel, y, x``)."""
+    images = np.asarray(images, dtype=np.float32)
+    n, c, h, w = images.shape
+    ds = xr.Dataset(
+        {
+            "images": (
+                ("sample", "channel", "y", "x"),
+                images,
+                {"long_name": "evaluation image in the model's input space (pixel - pixel_offset)", "units": "1"},
+            ),
+            "label": (("sample",), np.asarray(labels, dtype=np.int64), {"long_name": "true class", "units": "1"}),
+            "dataset_index": (
+                ("sample",),
+                np.asarray(dataset_index, dtype=np.int64),
+                {"long_name": "index of the image in the test split", "units": "1"},
+            ),
+        },
+        coords={"sample": np.arange(n), "channel": np.arange(c), "y": np.arange(h), "x": np.arange(w)},
+        attrs={
+            **(attrs or {}),
+            "title": "evaluation images",
+            "pixel_offset": list(space.pixel_offset),
+            "pixel_bounds": list(space.pixel_bounds),
+        },
+    )
+    if class_names is not None:
+        ds.attrs["class_names"] = list(class_names)
+    return ds
+
+
+def build_eval_dataset(dataset: Mapping[str, Any], data_root: str | Path) -> xr.Dataset:
+    """The configured number of test images, chosen with the configured seed."""
+    test, space = open_split(dataset, data_root, "test")
+    subset, indices = seeded_subset(test, dataset["n_eval"], dataset["eval_seed"])
+    images, labels = stack(subset)
+    log.info("evaluation set: %d of %d test images (seed %d)", len(indices), len(test), dataset["eval_seed"])  # type: ignore[arg-type]
+    return eval_dataset(images, labels, indices, space)
+
+
+def eval_tensors(ds: xr.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels of an ``eval.zarr`` dataset as tensors."""
+    return torch.from_numpy(ds["images"].values), torch.from_numpy(ds["label"].values)

@@ -1,0 +1,108 @@
+"""What every stage needs at run time: device choice, threads, logging, progress, one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+import torch
+from tqdm import tqdm
+
+from saliency_robustness.errors import PipelineError
+
+DEVICE_ENV = "SALIENCY_ROBUSTNESS_DEVICE"
+log = logging.getLogger("saliency_robustness")
+T = TypeVar("T")
+
+
+def resolve_device(requested: str | None = None) -> torch.device:
+    """``auto`` (default): the GPU the scheduler gave us when there is one, else the CPU.
+
+    The override comes from the argument or the ``SALIENCY_ROBUSTNESS_DEVICE`` variable
+    (``cpu``, ``cuda``, ``cuda:1``); it is not part of the experiment's config.
+    """
+    choice = (requested or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(choice)
+    except RuntimeError:
+        raise PipelineError(f"{DEVICE_ENV}={choice!r} is not a device (use auto, cpu or cuda[:N])") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"{DEVICE_ENV}={choice!r} asks for CUDA, but no GPU is visible")
+    return device
+
+
+def configure_threads(threads: int) -> None:
+    """Give torch exactly the cores Snakemake granted this job."""
+    torch.set_num_threads(max(1, int(threads)))
+
+
+def progress(iterable: Iterable[T], **kwargs: Any) -> Iterable[T]:
+    """A progress bar on stderr; sparse updates when stderr is a log file, not a terminal."""
+    interactive = sys.stderr.isatty()
+    kwargs.setdefault("mininterval", 0.5 if interactive else 30.0)
+    kwargs.setdefault("dynamic_ncols", interactive)
+    kwargs.setdefault("file", sys.stderr)
+    return tqdm(iterable, **kwargs)
+
+
+def configure_logging(log_file: str | os.PathLike[str] | None = None, level: int = logging.INFO) -> None:
+    """Log to ``log_file`` (the rule's ``log:``) and to stderr."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+    logging.captureWarnings(True)
+
+
+@contextlib.contextmanager
+def script_main(snakemake: Any) -> Iterator[Any]:
+    """Wrap a Snakemake ``script:``: route logs and progress bars to its ``log:``, set threads,
+    and turn a :class:`PipelineError` into one line on stderr and exit status 1."""
+    log_file = snakemake.log[0] if len(snakemake.log) else None
+    if log_file is not None:
+        # progress bars and warnings go to the rule's log as well
+        sys.stderr = open(log_file, "a", buffering=1)  # noqa: SIM115
+    configure_logging(None)
+    configure_threads(snakemake.threads)
+    log.info("rule %s, wildcards %s, threads %d", snakemake.rule, dict(snakemake.wildcards), snakemake.threads)
+    try:
+        yield snakemake
+    except PipelineError as exc:
+        log.error("%s", exc)
+        sys.__stderr__.write(f"error: {exc}\n")
+        sys.exit(1)
+
+
+def one_line_errors(func):  # noqa: ANN001, ANN201
+    """Decorator for console entry points: a :class:`PipelineError` exits with one line."""
+
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        try:
+            return func(*args, **kwargs)
+        except PipelineError as exc:
+            sys.exit(f"error: {exc}")
+
+    wrapper.__doc__ = func.__doc__
+    wrapper.__name__ = func.__name__
+    return wrapper
+
+
+def export_package_path() -> None:
+    """Let Snakemake jobs import this package from its checkout, also inside a conda env
+    (or on a cluster node) where it was never installed; quiet foolbox's git probe."""
+    package_parent = str(Path(__file__).resolve().parents[1])
+    paths = [package_parent] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")

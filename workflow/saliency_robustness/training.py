@@ -1,0 +1,295 @@
+"""Local Lipschitz (gradient-norm, double-backprop) regularization and the training loop (SPEC §3).
+
+    loss = mean_k CE(x_k, y_k) + lambda * mean_k ||grad_{x_k} s(x_k, y_k)||_2^p
+
+with ``s`` the cross-entropy (``sensitivity="loss"``) or the true-class logit
+(``sensitivity="logit"``). The gradient is taken per example. The authors' code took it
+of the batch-mean loss, which scales each example's gradient by 1/B, so their
+``lambda_ref = lambda * B**2`` (for p = 2).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from saliency_robustness.data import open_split, seeded_subset
+from saliency_robustness.errors import PipelineError, TrainingDiverged
+from saliency_robustness.models import ModelSpec, build_model, save_model
+from saliency_robustness.runtime import progress, resolve_device
+from saliency_robustness.stores import atomic_directory
+
+log = logging.getLogger(__name__)
+
+SENSITIVITIES = ("loss", "logit")
+LOG_COLUMNS = ("step", "epoch", "loss", "cross_entropy", "penalty", "accuracy", "learning_rate")
+
+
+def input_gradient_penalty(
+    logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, sensitivity: str = "loss", p: float = 2.0
+) -> torch.Tensor:
+    """Per-example ``||grad_{x_k} s(x_k, y_k)||_2^p`` with a graph for double backprop.
+
+    ``x`` must require grad and ``logits`` must be ``model(x)``. Examples must not
+    interact in the forward pass (no batch norm in train mode), so that the gradient of
+    the summed sensitivity is the per-example gradient.
+    """
+    if sensitivity == "loss":
+        s = F.cross_entropy(logits, y, reduction="sum")
+    elif sensitivity == "logit":
+        s = logits.gather(1, y[:, None]).sum()
+    else:
+        raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, not {sensitivity!r}")
+    (grad,) = torch.autograd.grad(s, x, create_graph=True)
+    squared_norm = grad.flatten(1).pow(2).sum(dim=1)
+    return squared_norm if p == 2 else squared_norm.pow(p / 2)
+
+
+@dataclass
+class LossTerms:
+    loss: torch.Tensor
+    cross_entropy: torch.Tensor
+    penalty: torch.Tensor | None
+    correct: int
+
+
+def regularized_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lam: float, sensitivity: str = "loss", p: float = 2.0
+) -> LossTerms:
+    """The training objective of SPEC §3 without weight decay (the optimizer applies that).
+
+    With ``lam == 0`` no input gradient is taken: the step is plain cross-entropy.
+    """
+    if lam == 0:
+        logits = model(x)
+        ce = F.cross_entropy(logits, y)
+        return LossTerms(ce, ce.detach(), None, int((logits.argmax(1) == y).sum()))
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    ce = F.cross_entropy(logits, y)
+    penalty = input_gradient_penalty(logits, x, y, sensitivity=sensitivity, p=p).mean()
+    return LossTerms(ce + lam * penalty, ce.detach(), penalty.detach(), int((logits.argmax(1) == y).sum()))
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Keep batch norm in eval mode (frozen statistics) while the rest trains."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def make_optimizer(model: nn.Module, train: Mapping[str, Any]) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train["optimizer"] == "sgd":
+        return torch.optim.SGD(
+            params, lr=train["learning_rate"], momentum=train["momentum"], weight_decay=train["weight_decay"]
+        )
+    return torch.optim.Adam(params, lr=train["learning_rate"], weight_decay=train["weight_decay"])
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Every epoch draws from its own seed, so that a run resumed at an epoch boundary
+    reproduces the uninterrupted run exactly."""
+    return (seed * 1_000_003 + epoch) % (2**63 - 1)
+
+
+def epoch_loader(ds: Dataset, train: Mapping[str, Any], epoch: int, device: torch.device) -> DataLoader:
+    generator = torch.Generator().manual_seed(epoch_seed(train["seed"], epoch))
+    return DataLoader(
+        ds,
+        batch_size=train["batch_size"],
+        shuffle=True,
+        generator=generator,
+        num_workers=train["num_workers"],
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        drop_last=False,
+    )
+
+
+def _save_resume_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    train: Mapping[str, Any],
+    lam: float,
+    *,
+    device: torch.device,
+    resume_file: Path | None = None,
+    resume_key: str = "",
+) -> list[dict[str, float]]:
+    """Train ``model`` in place; return the per-step log.
+
+    With ``resume_file``, the state after every epoch is saved there, and a run that finds
+    a state with the same ``resume_key`` continues after its last completed epoch.
+    """
+    model.to(device)
+    optimizer = make_optimizer(model, train)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=train["lr_step_epochs"], gamma=train["lr_gamma"])
+    rows: list[dict[str, float]] = []
+    start_epoch = 0
+    if resume_file is not None and resume_file.exists():
+        state = torch.load(resume_file, map_location=device, weights_only=True)
+        if state.get("key") == resume_key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            rows = list(state["rows"])
+            start_epoch = int(state["epoch"]) + 1
+            log.info("resuming after epoch %d from %s", start_epoch, resume_file)
+        else:
+            log.info("ignoring %s: it belongs to another configuration", resume_file)
+
+    accumulate = train["accumulation_steps"]
+    step = len(rows)
+    for epoch in range(start_epoch, train["epochs"]):
+        torch.manual_seed(epoch_seed(train["seed"], epoch))  # dropout and augmentation draws
+        model.train()
+        if train["freeze_batchnorm"]:
+            freeze_batchnorm(model)
+        loader = epoch_loader(train_set, train, epoch, device)
+        bar = progress(loader, desc=f"epoch {epoch + 1}/{train['epochs']}", unit="batch")
+        optimizer.zero_grad(set_to_none=True)
+        for i, (x, y) in enumerate(bar):
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            terms = regularized_loss(model, x, y, lam=lam, sensitivity=train["sensitivity"], p=train["p"])
+            if not torch.isfinite(terms.loss):
+                raise TrainingDiverged(
+                    f"loss became {terms.loss.item()} at step {step} (epoch {epoch + 1}) with lambda={lam:g}; "
+                    "lower lambda or the learning rate"
+                )
+            (terms.loss / accumulate).backward()
+            if (i + 1) % accumulate == 0 or i + 1 == len(loader):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            row = {
+                "step": step,
+                "epoch": epoch + 1,
+                "loss": terms.loss.item(),
+                "cross_entropy": terms.cross_entropy.item(),
+                "penalty": math.nan if terms.penalty is None else terms.penalty.item(),
+                "accuracy": terms.correct / len(y),
+                "learning_rate": optimizer.param_groups[0]["lr"],
+            }
+            rows.append(row)
+            step += 1
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")  # type: ignore[attr-defined]
+        scheduler.step()
+        recent = rows[-len(loader) :]
+        log.info(
+            "epoch %d: loss %.4f, accuracy %.4f",
+            epoch + 1,
+            sum(r["loss"] for r in recent) / len(recent),
+            sum(r["accuracy"] for r in recent) / len(recent),
+        )
+        if resume_file is not None:
+            _save_resume_state(
+                resume_file,
+                {
+                    "key": resume_key,
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rows": rows,
+                },
+            )
+    return rows
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, ds: Dataset, *, device: torch.device, batch_size: int = 500) -> float:
+    """Clean accuracy of ``model`` (put in eval mode) on every sample of ``ds``."""
+    model.eval()
+    correct = total = 0
+    for x, y in progress(DataLoader(ds, batch_size=batch_size), desc="test accuracy", unit="batch"):
+        pred = model(x.to(device)).argmax(1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    return correct / total
+
+
+def write_log(rows: list[dict[str, float]], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def model_spec(name: str, lam: float, dataset: Mapping[str, Any], model: Mapping[str, Any], train: Mapping[str, Any]) -> ModelSpec:
+    """The spec of grid member ``name`` (its lambda plus the shared options)."""
+    shared = {k: v for k, v in train.items() if k != "lambdas"}
+    return ModelSpec(
+        name=name,
+        architecture=model["architecture"],
+        lam=lam,
+        sensitivity=train["sensitivity"],
+        p=float(train["p"]),
+        seed=train["seed"],
+        num_classes=model["num_classes"],
+        in_channels=model["in_channels"],
+        image_size=model["image_size"],
+        architecture_options=dict(model.get("options", {})),
+        training={**shared, "dataset": dict(dataset)},
+    )
+
+
+def train_stage(
+    *,
+    spec: ModelSpec,
+    dataset: Mapping[str, Any],
+    train: Mapping[str, Any],
+    data_root: str | Path,
+    output: str | Path,
+    resume_file: str | Path | None = None,
+    resume_key: str = "",
+) -> None:
+    """Train one model of the grid and write ``models/<model>/`` atomically:
+    ``model.pt``, ``spec.json``, ``training_log.csv`` and ``test_accuracy.json``."""
+    device = resolve_device()
+    log.info("training %s (lambda=%g) on %s", spec.name, spec.lam, device)
+    train_split, _ = open_split(dataset, data_root, "train")
+    train_set, _ = seeded_subset(train_split, train["n_train"], train["seed"])
+    test_set, _ = open_split(dataset, data_root, "test")
+    model = build_model(spec)
+    resume = Path(resume_file) if resume_file else None
+    if resume is not None:
+        resume.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rows = fit(model, train_set, train, spec.lam, device=device, resume_file=resume, resume_key=resume_key)
+    seconds = time.perf_counter() - started
+    test_accuracy = accuracy(model, test_set, device=device)
+    log.info("test accuracy %.4f on %d images after %.1f s of training", test_accuracy, len(test_set), seconds)  # type: ignore[arg-type]
+    if not rows:
+        raise PipelineError("training ran no step: check train.epochs and the training set")
+    with atomic_directory(output) as tmp:
+        save_model(model.cpu(), spec, tmp)
+        write_log(rows, tmp / "training_log.csv")
+        (tmp / "test_accuracy.json").write_text(
+            json.dumps(
+                {"test_accuracy": test_accuracy, "test_images": len(test_set), "train_seconds": seconds},  # type: ignore[arg-type]
+                indent=2,
+            )
+        )
+    if resume is not None and resume.exists():
+        resume.unlink()

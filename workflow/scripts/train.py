@@ -1,0 +1,16 @@
+"""Train one model of the grid into models/<model>/."""
+
+from saliency_robustness.training import model_spec, train_stage
+from saliency_robustness.runtime import script_main
+
+with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
+    settings = sm.params.settings
+    train_stage(
+        spec=model_spec(settings["name"], settings["lam"], settings["dataset"], settings["model"], settings["train"]),
+        dataset=settings["dataset"],
+        train=settings["train"],
+        data_root=sm.params.data_root,
+        output=sm.output[0],
+        resume_file=sm.params.resume_file,
+        resume_key=sm.params.version,
+    )
