@@ -15,6 +15,11 @@ if not workflow.config_settings.configfiles:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/saliency.smk"
+include: "workflow/rules/attacks.smk"
+include: "workflow/rules/metrics.smk"
+include: "workflow/rules/summary.smk"
+include: "workflow/rules/figures.smk"
 
 
 rule all:

@@ -20,14 +20,34 @@ RESULTS = f"results/{config['experiment']}"
 LOGS = f"{RESULTS}/logs"
 
 
+ATTACKS = config["attacks"]["ensemble"]  # name -> {attack, kwargs, refine}
+BASE_ATTACKS = [name for name, spec in ATTACKS.items() if not spec["refine"]]
+FIGURES = [
+    "saliency_gallery",
+    "alignment_vs_robustness",
+    "linearized_vs_robustness",
+    "homogeneity_vs_robustness",
+    "accuracy_robustness_vs_lambda",
+    "alignment_vs_robustness_per_image",
+    "bound_decomposition",
+]
+
+
 wildcard_constraints:
     model="gradnorm-lambda[0-9.e+-]+",
+    attack="[A-Za-z0-9_]+",
+    figure="|".join(FIGURES),
 
 
 # package modules each stage runs; their source is part of the stage's version
 STAGE_MODULES = {
     "data": ["data", "stores"],
     "train": ["training", "models", "data", "stores"],
+    "saliency": ["saliency", "models", "data", "stores"],
+    "attacks": ["attacks", "models", "data", "stores"],
+    "metrics": ["metrics", "saliency", "attacks", "models", "data", "stores"],
+    "summary": ["summary", "stores"],
+    "figures": ["figures", "summary", "stores"],
 }
 
 
@@ -64,5 +84,70 @@ def train_version(wildcards):
     return stage_version("train", **train_settings(wildcards))
 
 
+EVAL_STORE = f"{RESULTS}/data/eval.zarr"
+
+
+def saliency_store(model):
+    return f"{RESULTS}/saliency/{model}.zarr"
+
+
+def attack_store(model, attack):
+    return f"{RESULTS}/attacks/{model}/{attack}.zarr"
+
+
+def metrics_store(model):
+    return f"{RESULTS}/metrics/{model}.zarr"
+
+
+def attack_inputs(wildcards):
+    """A refining attack (Brendel-Bethge) starts from the other attacks' verified adversarials."""
+    inputs = {"model": model_dir(wildcards.model), "eval": EVAL_STORE}
+    if ATTACKS[wildcards.attack]["refine"]:
+        inputs["starts"] = [attack_store(wildcards.model, a) for a in BASE_ATTACKS]
+    return inputs
+
+
+def attack_settings(wildcards):
+    return {
+        "name": wildcards.attack,
+        **ATTACKS[wildcards.attack],
+        "batch_size": config["attacks"]["batch_size"],
+        "store_adversarials": config["attacks"]["store_adversarials"],
+    }
+
+
+def attack_version(wildcards):
+    return stage_version("attacks", **attack_settings(wildcards))
+
+
+def metrics_inputs(wildcards):
+    return {
+        "model": model_dir(wildcards.model),
+        "eval": EVAL_STORE,
+        "saliency": saliency_store(wildcards.model),
+        "attacks": [attack_store(wildcards.model, a) for a in ATTACKS],
+    }
+
+
+def summary_inputs(wildcards):
+    return {
+        "metrics": [metrics_store(m) for m in MODELS],
+        "models": [model_dir(m) for m in MODELS],
+    }
+
+
+def figure_inputs(wildcards):
+    return {
+        "summary": f"{RESULTS}/summary.zarr",
+        "eval": EVAL_STORE,
+        "saliency": [saliency_store(m) for m in MODELS],
+    }
+
+
 def final_targets():
-    return [f"{RESULTS}/data/eval.zarr"] + [model_dir(m) for m in MODELS]
+    return (
+        [EVAL_STORE, f"{RESULTS}/summary.csv"]
+        + [model_dir(m) for m in MODELS]
+        + [metrics_store(m) for m in MODELS]
+        + expand(f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=FIGURES, ext=["png", "pdf"])
+    )

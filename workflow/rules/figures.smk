@@ -1,0 +1,23 @@
+rule figure:
+    input:
+        unpack(figure_inputs),
+    output:
+        png=report(
+            f"{RESULTS}/figures/{{figure}}.png",
+            caption="../report/{figure}.rst",
+            category="Figures",
+        ),
+        pdf=f"{RESULTS}/figures/{{figure}}.pdf",
+    params:
+        options=config["figures"],
+        version=stage_version("figures", **config["figures"]),
+    log:
+        f"{LOGS}/figures/{{figure}}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        ENV
+    script:
+        "../scripts/figure.py"

@@ -1,0 +1,13 @@
+"""Stack every model's metrics into summary.zarr and summary.csv."""
+
+from saliency_robustness.runtime import script_main
+from saliency_robustness.summary import summary_stage
+
+with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
+    summary_stage(
+        models=sm.params.models,
+        metrics_stores=list(sm.input.metrics),
+        model_dirs=list(sm.input.models),
+        output_zarr=sm.output.zarr,
+        output_csv=sm.output.csv,
+    )
