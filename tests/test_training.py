@@ -1,0 +1,198 @@
+"""The gradient-norm regularizer (SPEC §3) and the training loop."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from saliency_robustness.config import validate_config
+from saliency_robustness.errors import TrainingDiverged
+from saliency_robustness.models import CHECKPOINT, load_model
+from saliency_robustness.training import (
+    epoch_loader,
+    epoch_seed,
+    fit,
+    input_gradient_penalty,
+    model_spec,
+    regularized_loss,
+    train_stage,
+)
+
+
+def smooth_model(dtype: torch.dtype = torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def per_example_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sensitivity: str, p: float) -> torch.Tensor:
+    """The penalty computed one example at a time, straight from the definition."""
+    values = []
+    for xk, yk in zip(x, y):
+        xk = xk[None].clone().requires_grad_(True)
+        logits = model(xk)
+        s = F.cross_entropy(logits, yk[None]) if sensitivity == "loss" else logits[0, yk]
+        (g,) = torch.autograd.grad(s, xk)
+        values.append(g.norm() ** p)
+    return torch.stack(values)
+
+
+@pytest.mark.parametrize(("sensitivity", "p"), [("loss", 2.0), ("logit", 2.0), ("loss", 1.0), ("logit", 3.0)])
+def test_penalty_equals_direct_per_example_computation(sensitivity: str, p: float) -> None:
+    model = smooth_model()
+    x = torch.randn(5, 1, 3, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    batched = input_gradient_penalty(model(x), x, y, sensitivity=sensitivity, p=p)
+    torch.testing.assert_close(batched, per_example_penalty(model, x.detach(), y, sensitivity, p))
+
+
+def test_regularized_loss_is_mean_cross_entropy_plus_lambda_mean_penalty() -> None:
+    model = smooth_model()
+    x = torch.randn(6, 1, 3, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1, 0, 2])
+    terms = regularized_loss(model, x, y, lam=0.37)
+    expected = F.cross_entropy(model(x), y) + 0.37 * per_example_penalty(model, x, y, "loss", 2.0).mean()
+    torch.testing.assert_close(terms.loss, expected)
+
+
+def test_parameter_gradient_of_regularized_loss_matches_finite_differences() -> None:
+    model = smooth_model()
+    x = torch.randn(4, 1, 3, 4, dtype=torch.float64)
+    y = torch.tensor([2, 0, 1, 1])
+    lam = 0.5
+
+    def objective() -> torch.Tensor:
+        return regularized_loss(model, x, y, lam=lam).loss
+
+    model.zero_grad()
+    objective().backward()
+    h = 1e-6
+    for param in model.parameters():
+        flat = param.data.view(-1)
+        for i in range(0, flat.numel(), max(1, flat.numel() // 5)):
+            original = flat[i].item()
+            flat[i] = original + h
+            up = objective().item()
+            flat[i] = original - h
+            down = objective().item()
+            flat[i] = original
+            assert param.grad.view(-1)[i].item() == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-8)
+
+
+def tiny_train_config(**overrides: object) -> dict:
+    config = validate_config({"experiment": "t", "train": {"epochs": 2, "batch_size": 8, "learning_rate": 0.1, **overrides}})
+    return config["train"]
+
+
+def tiny_problem() -> tuple[nn.Module, TensorDataset]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(40, 1, 3, 4, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+    return model, TensorDataset(x, y)
+
+
+def test_lambda_zero_matches_plain_cross_entropy_training_step_for_step() -> None:
+    model, ds = tiny_problem()
+    reference = copy.deepcopy(model)
+    train = tiny_train_config(weight_decay=1e-3)
+    rows = fit(model, ds, train, 0.0, device=torch.device("cpu"))
+
+    # the same schedule written out by hand: SGD on mean cross-entropy
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    losses = []
+    for epoch in range(2):
+        torch.manual_seed(epoch_seed(train["seed"], epoch))
+        reference.train()
+        for x, y in epoch_loader(ds, train, epoch, torch.device("cpu")):
+            opt.zero_grad()
+            loss = F.cross_entropy(reference(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert [r["loss"] for r in rows] == pytest.approx(losses, rel=0, abs=0)
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_positive_lambda_changes_the_trajectory() -> None:
+    plain, ds = tiny_problem()
+    regularized = copy.deepcopy(plain)
+    fit(plain, ds, tiny_train_config(), 0.0, device=torch.device("cpu"))
+    rows = fit(regularized, ds, tiny_train_config(), 1.0, device=torch.device("cpu"))
+    assert all(r["penalty"] > 0 for r in rows)
+    assert not torch.equal(plain[1].weight, regularized[1].weight)
+
+
+def test_same_config_and_seed_give_identical_weights() -> None:
+    runs = []
+    for _ in range(2):
+        model, ds = tiny_problem()
+        fit(model, ds, tiny_train_config(), 0.1, device=torch.device("cpu"))
+        runs.append(model.state_dict())
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key])
+
+
+def test_resumed_fit_reproduces_the_uninterrupted_run(tmp_path) -> None:  # noqa: ANN001
+    full, ds = tiny_problem()
+    fit(full, ds, tiny_train_config(epochs=3), 0.1, device=torch.device("cpu"))
+    resumed, _ = tiny_problem()
+    state = tmp_path / "state.pt"
+    fit(resumed, ds, tiny_train_config(epochs=2), 0.1, device=torch.device("cpu"), resume_file=state, resume_key="k")
+    # a new process would rebuild the model from scratch; the resume file carries it on
+    restarted, _ = tiny_problem()
+    rows = fit(restarted, ds, tiny_train_config(epochs=3), 0.1, device=torch.device("cpu"), resume_file=state, resume_key="k")
+    assert rows[-1]["epoch"] == 3
+    for a, b in zip(full.state_dict().values(), restarted.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def mnist_settings(**train_overrides: object) -> dict:
+    config = validate_config(
+        {
+            "experiment": "t",
+            "dataset": {"kind": "mnist", "n_eval": 10},
+            "train": {"epochs": 1, "batch_size": 50, "optimizer": "adam", "learning_rate": 0.002, "n_train": 2000, **train_overrides},
+        }
+    )
+    train = {k: v for k, v in config["train"].items() if k != "lambdas"}
+    return {"dataset": config["dataset"], "model": config["model"], "train": train}
+
+
+def run_train_stage(tmp_path, data_root, lam: float, **train_overrides: object):  # noqa: ANN001, ANN201
+    s = mnist_settings(**train_overrides)
+    out = tmp_path / f"model-{lam:g}"
+    train_stage(
+        spec=model_spec(f"gradnorm-lambda{lam:g}", lam, s["dataset"], s["model"], s["train"]),
+        dataset=s["dataset"],
+        train=s["train"],
+        data_root=data_root,
+        output=out,
+    )
+    return out
+
+
+def test_smoke_training_beats_chance_and_checkpoint_loads_weights_only(tmp_path, data_root) -> None:  # noqa: ANN001
+    out = run_train_stage(tmp_path, data_root, 0.01)
+    accuracy = json.loads((out / "test_accuracy.json").read_text())
+    assert accuracy["test_images"] == 10000
+    assert accuracy["test_accuracy"] > 0.6  # chance is 0.1
+    state = torch.load(out / CHECKPOINT, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    model = load_model(out)
+    assert not model.training
+    header = (out / "training_log.csv").read_text().splitlines()[0]
+    assert header.split(",")[:6] == ["step", "epoch", "loss", "cross_entropy", "penalty", "accuracy"]
+
+
+def test_nan_loss_stops_training_and_leaves_no_checkpoint(tmp_path, data_root) -> None:  # noqa: ANN001
+    with pytest.raises(TrainingDiverged, match="lambda=1e\\+06"):
+        run_train_stage(tmp_path, data_root, 1e6, optimizer="sgd", learning_rate=1e6)
+    assert list(tmp_path.iterdir()) == []
