@@ -95,9 +95,18 @@ def chunk_encoding(ds: xr.Dataset, chunks: Mapping[str, int] | None = None) -> d
     return encoding
 
 
+def _variable_length_strings(ds: xr.Dataset) -> xr.Dataset:
+    """Fixed-width unicode has no Zarr v3 data type yet; variable-length strings do."""
+    fixed = [name for name, var in ds.variables.items() if var.dtype.kind == "U"]
+    return ds.assign({n: ds[n].astype(object) for n in fixed if n in ds.data_vars}).assign_coords(
+        {n: ds[n].astype(object) for n in fixed if n in ds.coords}
+    )
+
+
 def write_store(ds: xr.Dataset, path: Path | str, chunks: Mapping[str, int] | None = None) -> Path:
     """Write ``ds`` as a Zarr store at ``path``, atomically, with explicit chunks."""
     final = Path(path)
+    ds = _variable_length_strings(ds)
     with atomic_directory(final) as tmp:
         store = tmp / "store.zarr"
         with warnings.catch_warnings():
