@@ -90,3 +90,14 @@ def test_corrupt_or_missing_store_gives_one_line_error(tmp_path) -> None:  # noq
 def test_provenance_records_version_and_config() -> None:
     attrs = stores.provenance({"n_eval": 3})
     assert attrs["package_version"] and attrs["config"] == '{"n_eval": 3}'
+
+
+def test_inspect_describes_a_store_and_fails_in_one_line(tmp_path, capsys) -> None:  # noqa: ANN001
+    from saliency_robustness.cli import main
+
+    write_store(small_store(), tmp_path / "eval.zarr")
+    main(["inspect", str(tmp_path / "eval.zarr")])
+    out = capsys.readouterr().out
+    assert "dims: sample=6" in out and "evaluation image" in out and "median" in out
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["inspect", str(tmp_path / "nope.zarr")])

@@ -1,0 +1,56 @@
+"""Training time per epoch with and without the gradient-norm regularizer (issue 2).
+
+    python tests/benchmarks/bench_training.py [--config config/config.yaml] [--data-root ../shared/data]
+        [--lambdas 0 0.01] [--epochs 1] [--threads 2]
+
+Trains the configured architecture for the configured batch size and optimizer on the
+configured training subset, and prints a markdown table of seconds per epoch and the
+ratio to lambda = 0 (the cost of double backprop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from saliency_robustness.config import load_config
+from saliency_robustness.data import open_split, seeded_subset
+from saliency_robustness.models import build_model
+from saliency_robustness.training import fit, model_spec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="config/config.yaml")
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.01])
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    config = load_config(args.config, {"data_root": args.data_root})
+    train = {**config["train"], "epochs": args.epochs}
+    split, _ = open_split(config["dataset"], args.data_root, "train")
+    train_set, _ = seeded_subset(split, train["n_train"], train["seed"])
+    device = torch.device("cpu")
+
+    print(f"{len(train_set)} training images, batch {train['batch_size']}, {args.threads} threads, {args.epochs} epoch(s)\n")
+    print("| lambda | seconds per epoch | images per second | ratio to lambda = 0 |")
+    print("| --- | --- | --- | --- |")
+    baseline = None
+    for lam in args.lambdas:
+        spec = model_spec("bench", lam, config["dataset"], config["model"], train)
+        model = build_model(spec)
+        start = time.perf_counter()
+        fit(model, train_set, train, lam, device=device)
+        per_epoch = (time.perf_counter() - start) / args.epochs
+        baseline = baseline or (per_epoch if lam == 0 else None)
+        ratio = f"{per_epoch / baseline:.2f}" if baseline else "-"
+        print(f"| {lam:g} | {per_epoch:.1f} | {len(train_set) / per_epoch:.0f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()

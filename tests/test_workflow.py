@@ -1,0 +1,124 @@
+"""The whole DAG on the smoke config with real Snakemake, and what a second run redoes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import xarray as xr
+import yaml
+
+from conftest import REPO
+
+pytestmark = pytest.mark.workflow
+SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+
+
+def snakemake(workdir: Path, configfile: Path, *args: str, data_root: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        sys.executable, "-m", "snakemake",
+        "--snakefile", str(REPO / "Snakefile"),
+        "--directory", str(workdir),
+        "--configfile", str(configfile),
+        "--config", f"data_root={data_root}",
+        "--cores", "2",
+        *args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+
+
+def planned_jobs(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
+    """Rule -> job count from a dry run's job stats (empty when nothing is to be done)."""
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return {}
+    stats = text.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)\s*$", stats, flags=re.M))
+    jobs.pop("total", None)
+    jobs.pop("all", None)
+    return {rule: int(n) for rule, n in jobs.items()}
+
+
+def with_changes(tmp: Path, name: str, **sections: dict) -> Path:
+    config = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    for section, changes in sections.items():
+        config[section] = {**config.get(section, {}), **changes}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_root):  # noqa: ANN001, ANN201
+    workdir = tmp_path_factory.mktemp("smoke")
+    configfile = REPO / "config" / "smoke.yaml"
+    result = snakemake(workdir, configfile, data_root=data_root)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    return workdir, configfile, data_root
+
+
+def results(workdir: Path) -> Path:
+    return workdir / "results" / SMOKE["experiment"]
+
+
+def test_smoke_run_produces_every_store_figure_and_log(smoke_run) -> None:  # noqa: ANN001
+    workdir, _, _ = smoke_run
+    out = results(workdir)
+    lambdas = SMOKE["train"]["lambdas"]
+    models = [f"gradnorm-lambda{lam:g}" for lam in lambdas]
+    for model in models:
+        metrics = xr.open_zarr(out / "metrics" / f"{model}.zarr")
+        for var in ("alignment", "linearized_robustness", "bound_rhs", "homogeneity", "correct", "robustness"):
+            assert var in metrics and metrics[var].attrs.get("long_name")
+        assert float(metrics["robustness"].notnull().mean()) >= 0.95
+        assert (metrics["bound_rhs"] >= metrics["linearized_robustness"] * (1 - 1e-5)).all()
+        saliency = xr.open_zarr(out / "saliency" / f"{model}.zarr")
+        assert saliency["saliency"].dims == ("sample", "channel", "y", "x")
+        assert (out / "logs" / "train" / f"{model}.log").stat().st_size > 0
+    summary = xr.open_zarr(out / "summary.zarr")
+    assert list(summary["model"].values) == models
+    header = (out / "summary.csv").read_text().splitlines()[0].split(",")
+    for column in ("lambda", "test_accuracy", "alignment_median", "robustness_q75", "spearman_alignment_robustness", "attack_failures"):
+        assert column in header
+    for png in (out / "figures").glob("*.png"):
+        assert png.with_suffix(".pdf").exists()
+    assert len(list((out / "figures").glob("*.png"))) == 7
+
+
+def test_second_run_has_nothing_to_do(smoke_run) -> None:  # noqa: ANN001
+    workdir, configfile, data_root = smoke_run
+    assert planned_jobs(snakemake(workdir, configfile, "-n", data_root=data_root)) == {}
+
+
+def test_changing_one_lambda_trains_only_that_model(smoke_run, tmp_path) -> None:  # noqa: ANN001
+    workdir, _, data_root = smoke_run
+    lambdas = list(SMOKE["train"]["lambdas"])
+    lambdas[-1] = lambdas[-1] * 2
+    changed = with_changes(tmp_path, "lambda", train={"lambdas": lambdas})
+    jobs = planned_jobs(snakemake(workdir, changed, "-n", data_root=data_root))
+    assert jobs["train"] == 1
+    assert jobs.get("data", 0) == 0
+    assert jobs["saliency"] == 1 and jobs["metrics"] == 1  # only the new model's stores
+
+
+def test_changing_a_figure_option_reruns_only_figures(smoke_run, tmp_path) -> None:  # noqa: ANN001
+    workdir, _, data_root = smoke_run
+    changed = with_changes(tmp_path, "figure", figures={"dpi": 90})
+    assert set(planned_jobs(snakemake(workdir, changed, "-n", data_root=data_root))) == {"figure"}
+
+
+def test_changing_one_attack_reruns_it_and_what_follows_but_no_training(smoke_run, tmp_path) -> None:  # noqa: ANN001
+    workdir, _, data_root = smoke_run
+    ensemble = dict(SMOKE["attacks"]["ensemble"])
+    name = next(iter(ensemble))
+    ensemble[name] = {**ensemble[name], "kwargs": {**ensemble[name].get("kwargs", {}), "steps": 7}}
+    changed = with_changes(tmp_path, "attack", attacks={"ensemble": ensemble})
+    jobs = planned_jobs(snakemake(workdir, changed, "-n", data_root=data_root))
+    n_models = len(SMOKE["train"]["lambdas"])
+    assert jobs.get("train", 0) == 0 and jobs.get("data", 0) == 0 and jobs.get("saliency", 0) == 0
+    assert jobs["attack"] == n_models  # that attack, once per model
+    assert jobs["metrics"] == n_models and jobs["summary"] == 1 and jobs["figure"] == 7
