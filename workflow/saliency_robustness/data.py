@@ -2,7 +2,9 @@
 
 All metrics and attacks live in one space: the tensor the model takes (SPEC §5).
 Images are stored in that space; ``pixel = x + pixel_offset`` maps them back to the
-pixel range, which is where the attack bounds come from. For MNIST the offset is 0.
+pixel range, which is where the attack bounds come from. For MNIST the offset is 0; for
+natural images (an ImageNet-layout folder) it is the per-channel mean, as the authors fed
+mean-subtracted pixels (any division by a per-channel std is the model's first layer).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +78,87 @@ def load_mnist(root: str | Path, train: bool) -> TensorDataset:
     return TensorDataset(images, ds.targets.to(torch.int64))
 
 
+IMAGEFOLDER_SPLITS = {"train": "train", "test": "val"}
+
+
+def _load_image(path: str, mode: str) -> Any:
+    """PIL loader converting to ``mode`` (a module-level function so DataLoader workers can pickle it)."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        return Image.open(f).convert(mode)
+
+
+def imagefolder_transform(dataset: Mapping[str, Any], train: bool) -> Any:
+    """The paper's preprocessing: shorter side resized to ``resize_size``, then a random crop of
+    ``image_size`` and a random horizontal flip for training, a center crop for evaluation;
+    pixels in [0, 1] minus the per-channel mean."""
+    from torchvision import transforms
+
+    crop: list[Any] = (
+        [transforms.RandomCrop(dataset["image_size"]), transforms.RandomHorizontalFlip()]
+        if train
+        else [transforms.CenterCrop(dataset["image_size"])]
+    )
+    mean = [float(m) for m in dataset["mean"]]
+    subtract_mean = transforms.Normalize(mean, [1.0] * len(mean))  # std 1: centering only
+    return transforms.Compose([transforms.Resize(dataset["resize_size"]), *crop, transforms.ToTensor(), subtract_mean])
+
+
+def imagefolder_root(dataset: Mapping[str, Any], data_root: str | Path) -> Path:
+    """``dataset.path``, taken from ``data_root`` when relative."""
+    if not dataset.get("path"):
+        raise DataError("dataset.path must name the folder holding train/ and val/ for dataset kind imagefolder")
+    path = Path(dataset["path"]).expanduser()
+    return path if path.is_absolute() else Path(data_root) / path
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+
+
+def load_imagefolder(dataset: Mapping[str, Any], data_root: str | Path, split: str) -> Dataset:
+    """The ``train`` (``train/``) or ``test`` (``val/``) split of an ImageNet-layout folder
+    ``<class>/<image>``; class indices follow the sorted folder names (torchvision's order,
+    which is also the order of its pretrained ImageNet weights)."""
+    from torchvision.datasets import ImageFolder
+
+    root = imagefolder_root(dataset, data_root)
+    folder = root / IMAGEFOLDER_SPLITS[split]
+    if not folder.is_dir():
+        raise DataError(f"ImageNet-layout folder {folder} not found (expected {root}/train/<class>/* and {root}/val/<class>/*)")
+    channels = len(dataset["mean"])
+    if channels not in (1, 3):
+        raise DataError(f"dataset.mean has {channels} entries; give 3 (RGB) or 1 (grayscale)")
+    other = root / IMAGEFOLDER_SPLITS["test" if split == "train" else "train"]
+    if other.is_dir() and _class_folders(other) != _class_folders(folder):
+        # labels are folder positions: different class sets would silently shift them
+        raise DataError(f"{root}/train and {root}/val hold different class folders; labels would not match")
+    try:
+        return ImageFolder(
+            str(folder),
+            transform=imagefolder_transform(dataset, train=(split == "train")),
+            loader=partial(_load_image, mode="RGB" if channels == 3 else "L"),
+        )
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"cannot read ImageNet-layout folder {folder}: {str(exc).splitlines()[0]}") from None
+
+
 def open_split(dataset: Mapping[str, Any], data_root: str | Path, split: str) -> tuple[Dataset, InputSpace]:
     """The ``train`` or ``test`` split of the configured dataset, in the model's input space."""
     kind = dataset["kind"]
     if kind == "mnist":
         return load_mnist(data_root, train=(split == "train")), MNIST_INPUT_SPACE
+    if kind == "imagefolder":
+        space = InputSpace(pixel_offset=tuple(float(m) for m in dataset["mean"]))
+        return load_imagefolder(dataset, data_root, split), space
     raise DataError(f"unknown dataset kind {kind!r}")
+
+
+def class_names(ds: Dataset) -> list[str] | None:
+    """The dataset's class names in label order, when it has them (folder datasets)."""
+    classes = getattr(ds, "classes", None)
+    return list(classes) if classes is not None else None
 
 
 def seeded_subset(ds: Dataset, n: int | None, seed: int) -> tuple[Dataset, np.ndarray]:
@@ -145,7 +223,7 @@ def build_eval_dataset(dataset: Mapping[str, Any], data_root: str | Path) -> xr.
     subset, indices = seeded_subset(test, dataset["n_eval"], dataset["eval_seed"])
     images, labels = stack(subset)
     log.info("evaluation set: %d of %d test images (seed %d)", len(indices), len(test), dataset["eval_seed"])  # type: ignore[arg-type]
-    return eval_dataset(images, labels, indices, space)
+    return eval_dataset(images, labels, indices, space, class_names=class_names(test))
 
 
 def eval_tensors(ds: xr.Dataset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,12 +2,18 @@
 
 A trained model lives in ``models/<model>/`` as a plain ``state_dict`` (``model.pt``,
 loadable with ``torch.load(..., weights_only=True)``) beside ``spec.json``.
+
+Natural-image models take the centered image ``x = pixel - mean`` (SPEC §5); torchvision's
+division by the per-channel std is their first layer (:class:`PerChannelScale`), so that
+alignment and attacks see the same input space. Initial (pretrained) weights are applied
+only when training starts (:func:`load_initial_weights`); trained models load from
+their own checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from saliency_robustness.errors import StoreError
+from saliency_robustness.errors import ConfigError, DataError, StoreError
 
 CHECKPOINT = "model.pt"
 SPEC = "spec.json"
@@ -47,6 +53,7 @@ class MnistCNN(nn.Module):
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"mnist_cnn": MnistCNN}
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -57,6 +64,74 @@ def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn
         return builder
 
     return add
+
+
+class PerChannelScale(nn.Module):
+    """Multiplies channel ``c`` by ``scale[c]``: a linear layer without bias, so the model
+    stays positively homogeneous up to its own biases (the decomposition of SPEC §2)."""
+
+    def __init__(self, scale: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([float(s) for s in scale], dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class CenteredInputModel(nn.Module):
+    """``backbone(x / std)`` for a centered image ``x``: torchvision's normalization with the
+    mean already subtracted by the data (the input space) and the std division as a layer."""
+
+    def __init__(self, backbone: nn.Module, std: Sequence[float]) -> None:
+        super().__init__()
+        self.input_scale = PerChannelScale([1.0 / s for s in std])
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.input_scale(x))
+
+
+def _torchvision_resnet(
+    block: type[nn.Module], layers: Sequence[int], *, in_channels: int, num_classes: int, input_std: Sequence[float], **options: Any
+) -> nn.Module:
+    from torchvision.models.resnet import ResNet
+
+    net = ResNet(block, list(layers), num_classes=num_classes, **options)  # type: ignore[arg-type]
+    if in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, net.conv1.out_channels, kernel_size=7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    if len(input_std) != in_channels:
+        raise ConfigError(f"model.options.input_std has {len(input_std)} entries for {in_channels} input channels")
+    return CenteredInputModel(net, input_std)
+
+
+@register("resnet50")
+def resnet50(
+    *, in_channels: int = 3, num_classes: int = 1000, image_size: int = 224, input_std: Sequence[float] = IMAGENET_STD, **options: Any
+) -> nn.Module:
+    """torchvision's ResNet50 on the centered image (any ``image_size``: it pools adaptively).
+    Its torchvision weights (``model.weights: IMAGENET1K_V1`` / ``IMAGENET1K_V2``) expect
+    the ImageNet mean subtracted by the data and the default ``input_std``."""
+    from torchvision.models.resnet import Bottleneck
+
+    return _torchvision_resnet(Bottleneck, (3, 4, 6, 3), in_channels=in_channels, num_classes=num_classes, input_std=input_std, **options)
+
+
+@register("resnet_small")
+def resnet_small(
+    *,
+    in_channels: int = 3,
+    num_classes: int = 10,
+    image_size: int = 32,
+    blocks: Sequence[int] = (1, 1, 1, 1),
+    input_std: Sequence[float] = IMAGENET_STD,
+    **options: Any,
+) -> nn.Module:
+    """A torchvision ResNet of basic blocks (one per stage by default: a ResNet-10) for tests
+    and quick runs; the same layer types as ResNet50, so every stage runs unchanged."""
+    from torchvision.models.resnet import BasicBlock
+
+    return _torchvision_resnet(BasicBlock, blocks, in_channels=in_channels, num_classes=num_classes, input_std=input_std, **options)
 
 
 @dataclass
@@ -74,6 +149,7 @@ class ModelSpec:
     image_size: int = 28
     architecture_options: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None  # initial weights of training (torchvision name or state_dict file)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -124,3 +200,64 @@ def load_model(model_dir: Path | str, device: torch.device | str = "cpu") -> nn.
     except (OSError, RuntimeError, EOFError) as exc:
         raise StoreError(f"cannot load checkpoint {path}: {exc}".splitlines()[0]) from None
     return model.to(device).eval()
+
+
+def torchvision_weights(architecture: str, name: str) -> Any | None:
+    """torchvision's weight entry ``name`` (e.g. ``IMAGENET1K_V2``) of ``architecture``, or None."""
+    from torchvision.models import get_model_weights
+
+    try:
+        return get_model_weights(architecture).__members__.get(name)
+    except (ValueError, KeyError):  # not a torchvision architecture
+        return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def initial_state(architecture: str, weights: str, data_root: Path | str = ".") -> Mapping[str, torch.Tensor]:
+    """The ``state_dict`` that ``model.weights`` names: a torchvision weight of the
+    architecture (downloaded once into torch's hub cache), else a local file (relative
+    paths are taken from ``data_root``), read with ``weights_only=True``."""
+    entry = torchvision_weights(architecture, weights)
+    if entry is not None:
+        try:
+            return entry.get_state_dict(progress=False, check_hash=True, map_location="cpu", weights_only=True)
+        except Exception as exc:  # offline: URLError, OSError, ...
+            raise DataError(
+                f"cannot get torchvision weights {architecture} {weights} ({_one_line(exc)}); offline, save them "
+                "with torch.save(state_dict, file) elsewhere and set model.weights to that file"
+            ) from None
+    path = Path(weights).expanduser()
+    path = path if path.is_absolute() else Path(data_root) / path
+    if not path.is_file():
+        raise DataError(f"model.weights {weights!r} is neither a torchvision weight name of {architecture} nor a file ({path} not found)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors of many types
+        raise DataError(f"cannot read weights file {path} as a plain state_dict (weights_only=True): {_one_line(exc)}") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(f"weights file {path} does not hold a state_dict (a mapping of names to tensors)")
+    return state
+
+
+def load_initial_weights(model: nn.Module, spec: ModelSpec, data_root: Path | str = ".") -> None:
+    """Initialize ``model`` from ``spec.weights`` (nothing when it is None).
+
+    A file may hold this model's full ``state_dict`` (e.g. a ``model.pt`` of an earlier run)
+    or, for :class:`CenteredInputModel`, the bare backbone's (torchvision's layout).
+    """
+    if spec.weights is None:
+        return
+    state = initial_state(spec.architecture, spec.weights, data_root)
+    backbone = getattr(model, "backbone", None)
+    target = backbone if isinstance(backbone, nn.Module) and set(state) == set(backbone.state_dict()) else model
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"weights {spec.weights!r} do not fit {spec.architecture} with num_classes={spec.num_classes}, "
+            f"in_channels={spec.in_channels}: {_one_line(exc)}"
+        ) from None

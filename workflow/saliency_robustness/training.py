@@ -6,17 +6,23 @@ with ``s`` the cross-entropy (``sensitivity="loss"``) or the true-class logit
 (``sensitivity="logit"``). The gradient is taken per example. The authors' code took it
 of the batch-mean loss, which scales each example's gradient by 1/B, so their
 ``lambda_ref = lambda * B**2`` (for p = 2).
+
+On a GPU the double backward runs in full float32 precision: no autocast, and TF32 off
+for matmuls and convolutions while training (TF32 keeps 10 mantissa bits, too coarse for a
+gradient of a gradient). Per-epoch resume files make a killed job continue after its
+last completed epoch with bit-identical results.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from saliency_robustness.data import open_split, seeded_subset
-from saliency_robustness.errors import PipelineError, TrainingDiverged
-from saliency_robustness.models import ModelSpec, build_model, save_model
+from saliency_robustness.data import class_names, open_split, seeded_subset
+from saliency_robustness.errors import ConfigError, PipelineError, TrainingDiverged
+from saliency_robustness.models import ModelSpec, build_model, load_initial_weights, save_model
 from saliency_robustness.runtime import progress, resolve_device
 from saliency_robustness.stores import atomic_directory
 
@@ -107,17 +113,37 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def epoch_loader(ds: Dataset, train: Mapping[str, Any], epoch: int, device: torch.device) -> DataLoader:
+    """The shuffled batches of one epoch, drawn from the epoch's own seed.
+
+    The generator fixes both the order and the workers' seeds (hence the random crops and
+    flips), so each epoch is reproducible on its own. A new loader per epoch means new
+    workers per epoch (``persistent_workers`` could not carry over): on ImageNet the
+    start-up is seconds against an epoch of an hour.
+    """
     generator = torch.Generator().manual_seed(epoch_seed(train["seed"], epoch))
+    workers = train["num_workers"]
     return DataLoader(
         ds,
         batch_size=train["batch_size"],
         shuffle=True,
         generator=generator,
-        num_workers=train["num_workers"],
-        pin_memory=device.type == "cuda",
+        num_workers=workers,
+        pin_memory=device.type == "cuda",  # page-locked batches: the copies below run asynchronously
         persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
         drop_last=False,
     )
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Turn TF32 off for matmuls and cuDNN convolutions (restored afterwards)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def _save_resume_state(path: Path, state: dict[str, Any]) -> None:
@@ -141,6 +167,20 @@ def fit(
     With ``resume_file``, the state after every epoch is saved there, and a run that finds
     a state with the same ``resume_key`` continues after its last completed epoch.
     """
+    with full_precision():
+        return _fit(model, train_set, train, lam, device=device, resume_file=resume_file, resume_key=resume_key)
+
+
+def _fit(
+    model: nn.Module,
+    train_set: Dataset,
+    train: Mapping[str, Any],
+    lam: float,
+    *,
+    device: torch.device,
+    resume_file: Path | None,
+    resume_key: str,
+) -> list[dict[str, float]]:
     model.to(device)
     optimizer = make_optimizer(model, train)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=train["lr_step_epochs"], gamma=train["lr_gamma"])
@@ -168,6 +208,7 @@ def fit(
         loader = epoch_loader(train_set, train, epoch, device)
         bar = progress(loader, desc=f"epoch {epoch + 1}/{train['epochs']}", unit="batch")
         optimizer.zero_grad(set_to_none=True)
+        batches = len(loader)
         for i, (x, y) in enumerate(bar):
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
@@ -177,8 +218,10 @@ def fit(
                     f"loss became {terms.loss.item()} at step {step} (epoch {epoch + 1}) with lambda={lam:g}; "
                     "lower lambda or the learning rate"
                 )
-            (terms.loss / accumulate).backward()
-            if (i + 1) % accumulate == 0 or i + 1 == len(loader):
+            # the mean over the optimizer step's batches (fewer in the epoch's last group)
+            group = min(accumulate, batches - (i // accumulate) * accumulate)
+            (terms.loss / group).backward()
+            if (i + 1) % accumulate == 0 or i + 1 == batches:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             row = {
@@ -218,12 +261,13 @@ def fit(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, ds: Dataset, *, device: torch.device, batch_size: int = 500) -> float:
+def accuracy(model: nn.Module, ds: Dataset, *, device: torch.device, batch_size: int = 500, num_workers: int = 0) -> float:
     """Clean accuracy of ``model`` (put in eval mode) on every sample of ``ds``."""
     model.eval()
     correct = total = 0
-    for x, y in progress(DataLoader(ds, batch_size=batch_size), desc="test accuracy", unit="batch"):
-        pred = model(x.to(device)).argmax(1).cpu()
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    for x, y in progress(loader, desc="test accuracy", unit="batch"):
+        pred = model(x.to(device, non_blocking=True)).argmax(1).cpu()
         correct += int((pred == y).sum())
         total += len(y)
     return correct / total
@@ -251,7 +295,14 @@ def model_spec(name: str, lam: float, dataset: Mapping[str, Any], model: Mapping
         image_size=model["image_size"],
         architecture_options=dict(model.get("options", {})),
         training={**shared, "dataset": dict(dataset)},
+        weights=model.get("weights"),
     )
+
+
+def check_classes(spec: ModelSpec, classes: list[str] | None) -> None:
+    """A folder dataset's class count must be the model's logit count (labels index logits)."""
+    if classes is not None and len(classes) != spec.num_classes:
+        raise ConfigError(f"model.num_classes is {spec.num_classes} but the dataset has {len(classes)} class folders")
 
 
 def train_stage(
@@ -269,16 +320,18 @@ def train_stage(
     device = resolve_device()
     log.info("training %s (lambda=%g) on %s", spec.name, spec.lam, device)
     train_split, _ = open_split(dataset, data_root, "train")
+    check_classes(spec, class_names(train_split))
     train_set, _ = seeded_subset(train_split, train["n_train"], train["seed"])
     test_set, _ = open_split(dataset, data_root, "test")
     model = build_model(spec)
+    load_initial_weights(model, spec, data_root)  # a resumed run replaces them with its saved state
     resume = Path(resume_file) if resume_file else None
     if resume is not None:
         resume.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows = fit(model, train_set, train, spec.lam, device=device, resume_file=resume, resume_key=resume_key)
     seconds = time.perf_counter() - started
-    test_accuracy = accuracy(model, test_set, device=device)
+    test_accuracy = accuracy(model, test_set, device=device, num_workers=train["num_workers"])
     log.info("test accuracy %.4f on %d images after %.1f s of training", test_accuracy, len(test_set), seconds)  # type: ignore[arg-type]
     if not rows:
         raise PipelineError("training ran no step: check train.epochs and the training set")

@@ -1,0 +1,351 @@
+"""Natural images (issue 6): ImageNet-layout folders, the centered input space, ResNets with
+initial weights, resuming a killed fine-tuning run, and the whole DAG on a synthetic folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import yaml
+from PIL import Image
+from torch import nn
+
+from saliency_robustness.config import validate_config
+from saliency_robustness.data import InputSpace, build_eval_dataset, open_split
+from saliency_robustness.errors import ConfigError, DataError
+from saliency_robustness.models import (
+    CHECKPOINT,
+    IMAGENET_STD,
+    ModelSpec,
+    build_model,
+    load_initial_weights,
+    load_model,
+    torchvision_weights,
+)
+from saliency_robustness.training import model_spec, train_stage
+
+from conftest import REPO
+from test_workflow import snakemake
+
+TEST_CONFIG = REPO / "config" / "imagefolder-test.yaml"
+CLASSES = ["class_a", "class_b", "class_c"]
+MEAN = (0.485, 0.456, 0.406)
+TRAIN_SIZE = (64, 80)  # height, width: not square, so "shorter side" matters
+VAL_SIZE = (40, 48)  # shorter side already resize_size = 40: evaluation is a pure center crop
+
+
+def write_image_folder(root: Path, train_per_class: int = 20, val_per_class: int = 4, seed: int = 0) -> Path:
+    """An ImageNet-layout folder ``root/{train,val}/<class>/*.png``; each class has its own
+    dominant colour, so a small network can learn something in one epoch."""
+    rng = np.random.default_rng(seed)
+    for split, count, (h, w) in (("train", train_per_class, TRAIN_SIZE), ("val", val_per_class, VAL_SIZE)):
+        for k, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 120, size=(h, w, 3))
+                pixels[..., k] += 120
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{name}_{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder_root(tmp_path_factory) -> Path:  # noqa: ANN001
+    """A data_root holding the synthetic folder under the test config's ``dataset.path``."""
+    data_root = tmp_path_factory.mktemp("data")
+    write_image_folder(data_root / "imagefolder-test")
+    return data_root
+
+
+def imagefolder_config() -> dict:
+    """The validated test config (every default filled in)."""
+    return validate_config(yaml.safe_load(TEST_CONFIG.read_text()))
+
+
+# --- data -------------------------------------------------------------------------------
+
+
+def test_eval_images_are_center_crops_minus_the_mean(folder_root: Path) -> None:
+    dataset = imagefolder_config()["dataset"]
+    ds = build_eval_dataset(dataset, folder_root)
+    assert ds["images"].shape == (12, 3, 32, 32)
+    assert ds.attrs["class_names"] == CLASSES
+    assert ds.attrs["pixel_offset"] == pytest.approx(list(MEAN))
+    assert ds.attrs["pixel_bounds"] == [0.0, 1.0]
+    # labels follow the sorted class folders, dataset_index the sorted files of val/
+    files = sorted((folder_root / "imagefolder-test" / "val").glob("*/*.png"))
+    for s in (0, 5, 11):
+        path = files[int(ds["dataset_index"][s])]
+        assert CLASSES[int(ds["label"][s])] == path.parent.name
+        # known answer: a 40x48 image is not resized, and the 32x32 center crop starts at (4, 8)
+        pixels = np.asarray(Image.open(path), dtype=np.float32)[4:36, 8:40] / 255.0
+        expected = pixels.transpose(2, 0, 1) - np.asarray(MEAN, dtype=np.float32)[:, None, None]
+        np.testing.assert_allclose(ds["images"][s].values, expected, atol=1e-6)
+    pixels = InputSpace.from_attrs(ds.attrs).to_pixels(torch.from_numpy(ds["images"].values))
+    assert float(pixels.min()) >= 0.0 and float(pixels.max()) <= 1.0
+
+
+def test_training_images_are_random_crops_and_flips_of_the_resized_image(folder_root: Path) -> None:
+    from torchvision.transforms import functional as TF
+
+    train, _ = open_split(imagefolder_config()["dataset"], folder_root, "train")
+    path, _ = train.samples[0]
+    resized = TF.to_tensor(TF.resize(Image.open(path).convert("RGB"), 40))  # shorter side 64 -> 40
+    assert resized.shape == (3, 40, 50)
+    windows = resized.unfold(1, 32, 1).unfold(2, 32, 1)  # (3, 9, 19, 32, 32): every 32x32 crop
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(12):
+        x, _ = train[0]
+        pixels = x + torch.tensor(MEAN).view(3, 1, 1)
+        for flipped in (False, True):
+            target = pixels.flip(-1) if flipped else pixels
+            diff = (windows - target[:, None, None]).abs().amax(dim=(0, 3, 4))
+            if float(diff.min()) < 1e-6:
+                top, left = np.unravel_index(int(diff.argmin()), diff.shape)
+                seen.add((flipped, int(top), int(left)))
+                break
+        else:
+            pytest.fail("a training image is no crop of the resized image, flipped or not")
+    assert {flipped for flipped, _, _ in seen} == {False, True}
+    assert len({(top, left) for _, top, left in seen}) > 1
+
+
+@pytest.mark.parametrize(
+    ("dataset", "message"),
+    [
+        ({"path": "nowhere"}, "nowhere/val not found"),
+        ({"path": None}, "dataset.path must name"),
+        ({"mean": [0.5, 0.5]}, "dataset.mean has 2 entries"),
+    ],
+)
+def test_bad_folder_settings_give_one_line_errors(folder_root: Path, dataset: dict, message: str) -> None:
+    config = {**imagefolder_config()["dataset"], **dataset}
+    with pytest.raises(DataError) as info:
+        open_split(config, folder_root, "test")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_relative_path_is_taken_from_data_root_and_absolute_path_as_is(folder_root: Path) -> None:
+    dataset = imagefolder_config()["dataset"]
+    relative, space = open_split(dataset, folder_root, "train")
+    absolute, _ = open_split({**dataset, "path": str(folder_root / "imagefolder-test")}, "/nonexistent", "train")
+    assert len(relative) == len(absolute) == 60  # type: ignore[arg-type]
+    assert space.pixel_offset == pytest.approx(MEAN)
+
+
+def test_train_and_val_with_different_classes_are_rejected(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "f", train_per_class=1, val_per_class=1)
+    (tmp_path / "f" / "val" / "class_c").rename(tmp_path / "f" / "val" / "class_d")
+    with pytest.raises(DataError, match="different class folders"):
+        open_split({**imagefolder_config()["dataset"], "path": "f"}, tmp_path, "test")
+
+
+# --- models -----------------------------------------------------------------------------
+
+
+def resnet_spec(architecture: str = "resnet_small", weights: str | None = None, num_classes: int = 3, seed: int = 0) -> ModelSpec:
+    return ModelSpec(
+        name="m", architecture=architecture, lam=0.0, seed=seed, num_classes=num_classes, in_channels=3, image_size=32, weights=weights
+    )
+
+
+@pytest.mark.parametrize("architecture", ["resnet_small", "resnet50"])
+def test_resnet_on_centered_input_is_torchvision_resnet_on_normalized_pixels(architecture: str) -> None:
+    model = build_model(resnet_spec(architecture)).eval()
+    pixels = torch.rand(2, 3, 32, 32)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels - mean), model.backbone((pixels - mean) / std))
+    # the std division is a bias-free linear first layer: no bias-like parameter or buffer
+    assert [name for name, _ in model.input_scale.named_parameters()] == []
+    assert [name for name, _ in model.input_scale.named_buffers()] == ["scale"]
+
+
+@pytest.mark.parametrize("layout", ["backbone", "full"])
+def test_local_state_dict_initializes_the_model(tmp_path: Path, layout: str) -> None:
+    source = build_model(resnet_spec(seed=7))
+    state = source.backbone.state_dict() if layout == "backbone" else source.state_dict()
+    torch.save(state, tmp_path / "init.pt")
+    model = build_model(resnet_spec(weights="init.pt"))  # seed 0: different random weights
+    assert not torch.equal(model.backbone.conv1.weight, source.backbone.conv1.weight)
+    load_initial_weights(model, resnet_spec(weights="init.pt"), data_root=tmp_path)
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_bad_weights_give_one_line_errors(tmp_path: Path) -> None:
+    model = build_model(resnet_spec())
+    with pytest.raises(DataError, match="neither a torchvision weight name of resnet_small nor a file") as info:
+        load_initial_weights(model, resnet_spec(weights="missing.pt"), data_root=tmp_path)
+    assert str(tmp_path / "missing.pt") in str(info.value)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="cannot read weights file"):
+        load_initial_weights(model, resnet_spec(weights="garbage.pt"), data_root=tmp_path)
+    torch.save(build_model(resnet_spec(num_classes=5)).state_dict(), tmp_path / "five.pt")
+    with pytest.raises(ConfigError, match="do not fit resnet_small with num_classes=3") as info:
+        load_initial_weights(model, resnet_spec(weights="five.pt"), data_root=tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_torchvision_weight_names_are_downloaded_into_the_backbone(monkeypatch) -> None:  # noqa: ANN001
+    from torchvision.models._api import WeightsEnum
+
+    assert torchvision_weights("resnet50", "IMAGENET1K_V1") is not None
+    assert torchvision_weights("resnet_small", "IMAGENET1K_V1") is None
+    torch.manual_seed(3)
+    from torchvision.models import resnet50
+
+    published = resnet50().state_dict()
+    calls = []
+
+    def download(self, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        calls.append((self.url, kwargs))
+        return published
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", download)
+    spec = resnet_spec("resnet50", weights="IMAGENET1K_V2", num_classes=1000)
+    model = build_model(spec)
+    load_initial_weights(model, spec)
+    assert calls[0][0].endswith(".pth") and calls[0][1]["weights_only"] is True
+    for key, value in published.items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key
+
+    def offline(self, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(DataError, match="cannot get torchvision weights resnet50 IMAGENET1K_V2") as info:
+        load_initial_weights(model, spec)
+    assert "\n" not in str(info.value)
+
+
+# --- training ---------------------------------------------------------------------------
+
+
+def stage_settings(**train: object) -> dict:
+    config = imagefolder_config()
+    config["train"].update(train)
+    return {"dataset": config["dataset"], "model": config["model"], "train": {k: v for k, v in config["train"].items() if k != "lambdas"}}
+
+
+def test_train_stage_starts_from_the_configured_weights(folder_root: Path, tmp_path: Path) -> None:
+    initial = build_model(resnet_spec(seed=5))
+    torch.save(initial.backbone.state_dict(), tmp_path / "init.pt")
+    s = stage_settings(optimizer="sgd", learning_rate=1e-9, momentum=0.0, weight_decay=0.0)
+    model = {**s["model"], "weights": str(tmp_path / "init.pt")}
+    spec = model_spec("gradnorm-lambda0.01", 0.01, s["dataset"], model, s["train"])
+    train_stage(spec=spec, dataset=s["dataset"], train=s["train"], data_root=folder_root, output=tmp_path / "out")
+    trained = load_model(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "spec.json").read_text())["weights"] == str(tmp_path / "init.pt")
+    for key, value in initial.state_dict().items():  # a learning rate of 1e-9 barely moves them
+        torch.testing.assert_close(trained.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+def test_folder_with_other_class_count_than_the_model_is_rejected(folder_root: Path, tmp_path: Path) -> None:
+    s = stage_settings()
+    spec = model_spec("gradnorm-lambda0", 0.0, s["dataset"], {**s["model"], "num_classes": 10}, s["train"])
+    with pytest.raises(ConfigError, match="model.num_classes is 10 but the dataset has 3 class folders"):
+        train_stage(spec=spec, dataset=s["dataset"], train=s["train"], data_root=folder_root, output=tmp_path / "out")
+
+
+TRAIN_IN_SUBPROCESS = """
+import json, sys, torch
+from saliency_robustness.runtime import configure_logging
+from saliency_robustness.training import model_spec, train_stage
+torch.set_num_threads(1)
+configure_logging()
+s = json.loads(sys.argv[1])
+train_stage(spec=model_spec("gradnorm-lambda0.01", 0.01, s["dataset"], s["model"], s["train"]), dataset=s["dataset"],
+            train=s["train"], data_root=s["data_root"], output=s["output"], resume_file=s["resume_file"], resume_key="k")
+"""
+
+
+def train_process(settings: dict, output: Path, resume_file: Path) -> subprocess.Popen[str]:
+    arguments = json.dumps({**settings, "output": str(output), "resume_file": str(resume_file)})
+    env = {**os.environ, "SALIENCY_ROBUSTNESS_DEVICE": "cpu"}
+    return subprocess.Popen(
+        [sys.executable, "-c", TRAIN_IN_SUBPROCESS, arguments],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+    )  # fmt: skip
+
+
+def test_killed_fine_tuning_resumes_to_the_weights_of_an_uninterrupted_run(folder_root: Path, tmp_path: Path) -> None:
+    epochs = 4
+    settings = {**stage_settings(epochs=epochs, num_workers=1, optimizer="sgd", learning_rate=0.01), "data_root": str(folder_root)}
+
+    reference = train_process(settings, tmp_path / "uninterrupted", tmp_path / "uninterrupted.pt")
+    out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, out[-3000:]
+
+    resume_file, output = tmp_path / "resume" / "state.pt", tmp_path / "resumed"
+    first = train_process(settings, output, resume_file)
+    deadline = time.monotonic() + 600
+    while not resume_file.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first.poll() is None, "training ended before it could be killed"
+    os.killpg(first.pid, signal.SIGKILL)  # the process group: the trainer and its loader worker
+    first.communicate(timeout=60)
+    assert first.returncode == -signal.SIGKILL
+    assert not output.exists()
+    completed = torch.load(resume_file, weights_only=True)["epoch"] + 1
+    assert 1 <= completed < epochs
+
+    second = train_process(settings, output, resume_file)
+    out, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, out[-3000:]
+    assert f"resuming after epoch {completed}" in out
+    assert not any(f"epoch {k}:" in out for k in range(1, completed + 1))  # not trained again
+    assert not resume_file.exists()
+
+    expected = torch.load(tmp_path / "uninterrupted" / CHECKPOINT, weights_only=True)
+    resumed = torch.load(output / CHECKPOINT, weights_only=True)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+    assert (output / "training_log.csv").read_text() == (tmp_path / "uninterrupted" / "training_log.csv").read_text()
+
+
+# --- the whole DAG ----------------------------------------------------------------------
+
+
+@pytest.mark.workflow
+def test_whole_workflow_runs_on_a_synthetic_folder(folder_root: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """Every stage, unchanged, on RGB images in the centered input space (issue 6)."""
+    # targets of a partial run, e.g. "results/imagefolder-test/data/eval.zarr" (for debugging)
+    targets = os.environ.get("IMAGEFOLDER_E2E_TARGETS", "").split()
+    monkeypatch.setenv("SALIENCY_ROBUSTNESS_DEVICE", "cpu")
+    result = snakemake(tmp_path, TEST_CONFIG, *targets, data_root=folder_root)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+
+    out = tmp_path / "results" / "imagefolder-test"
+    eval_store = xr.open_zarr(out / "data" / "eval.zarr")
+    assert eval_store["images"].shape == (12, 3, 32, 32) and eval_store.attrs["class_names"] == CLASSES
+    models = [f"gradnorm-lambda{lam:g}" for lam in imagefolder_config()["train"]["lambdas"]]
+    for model in models:
+        if targets and not (out / "metrics" / f"{model}.zarr").exists():
+            continue  # a partial run
+        spec = json.loads((out / "models" / model / "spec.json").read_text())
+        assert spec["architecture"] == "resnet_small" and spec["num_classes"] == 3
+        saliency = xr.open_zarr(out / "saliency" / f"{model}.zarr")
+        assert saliency["saliency"].shape == (12, 3, 32, 32)
+        metrics = xr.open_zarr(out / "metrics" / f"{model}.zarr")
+        assert metrics.sizes["sample"] == 12
+        for var in ("alignment", "linearized_robustness", "robustness", "homogeneity", "bound_rhs", "correct"):
+            assert var in metrics and metrics[var].attrs.get("long_name"), var
+        assert (metrics["bound_rhs"] >= metrics["linearized_robustness"] * (1 - 1e-5)).all()
+        assert float(metrics["robustness"].notnull().mean()) >= 0.9
+    if not targets:
+        summary = xr.open_zarr(out / "summary.zarr")
+        assert list(summary["model"].values) == models
+        assert (out / "summary.csv").exists()
+        assert len(list((out / "figures").glob("*.png"))) == 7
