@@ -1,0 +1,320 @@
+"""Every per-image quantity of SPEC §2 against known answers, and the metrics store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from torch import nn
+
+from saliency_robustness import attacks
+from saliency_robustness.errors import PipelineError, StoreError
+from saliency_robustness.metrics import METRICS, compute_metrics, metrics_stage
+from saliency_robustness.models import resnet_small
+from saliency_robustness.saliency import saliency_stage
+from saliency_robustness.stores import open_store, write_store
+
+SHAPE = (1, 4, 4)
+D = int(np.prod(SHAPE))
+
+
+def linear_model(weight: np.ndarray, bias: np.ndarray, dtype: torch.dtype = torch.float32) -> nn.Module:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.as_tensor(weight))
+        layer.bias.copy_(torch.as_tensor(bias))
+    return nn.Sequential(nn.Flatten(), layer)
+
+
+def binary_case(b: float) -> tuple[nn.Module, torch.Tensor, np.ndarray, np.ndarray]:
+    """Logits (<x, z> + b, -<x, z> - b), and images with |<x, z>| and |<x, z> + b| away from 0."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=D)
+    x = rng.normal(size=(20, D))
+    x += np.sign(x @ z)[:, None] * z * (1 + abs(b)) / (z @ z)  # |<x, z>| >= 1 + |b|
+    images = torch.tensor(x.reshape(-1, *SHAPE), dtype=torch.float32)
+    x64 = images.double().flatten(1).numpy()
+    return linear_model(np.stack([z, -z]), np.array([b, -b])), images, x64 @ z, z
+
+
+def test_binary_linear_model_alignment_equals_linearized_robustness() -> None:
+    model, images, xz, z = binary_case(0.0)
+    ds = compute_metrics(model, images, device="cpu")
+    expected = np.abs(xz) / np.linalg.norm(z)
+    np.testing.assert_allclose(ds["linearized_robustness"].values, expected, rtol=1e-5)
+    np.testing.assert_allclose(ds["alignment"].values, expected, rtol=1e-5)
+    np.testing.assert_allclose(ds["homogeneity"].values, 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(ds["runner_up"].values, 1 - ds["prediction"].values)
+
+
+def test_binary_linear_model_with_bias_separates_alignment_from_linearized_robustness() -> None:
+    b = 1.5
+    model, images, xz, z = binary_case(b)
+    ds = compute_metrics(model, images, device="cpu")
+    z_norm = np.linalg.norm(z)
+    np.testing.assert_allclose(ds["linearized_robustness"].values, np.abs(xz + b) / z_norm, rtol=1e-5)
+    np.testing.assert_allclose(ds["alignment"].values, np.abs(xz) / z_norm, rtol=1e-5)
+    assert np.all(np.abs(ds["alignment"].values - ds["linearized_robustness"].values) > 0.5 * b / z_norm)
+    # Psi† = 2 |<x, z> + b|, g† = 2 s z with s = sign(<x, z> + b): beta† = 2 s b
+    np.testing.assert_allclose(ds["bias_part"].values, 2 * np.sign(xz + b) * b, rtol=1e-5)
+    np.testing.assert_allclose(ds["bias_sum"].values, 2 * np.sign(xz + b) * b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("class_chunk", [3, 10, 100])
+def test_affine_model_linearized_robustness_is_the_distance_to_the_nearest_boundary(class_chunk: int) -> None:
+    rng = np.random.default_rng(1)
+    weight, bias = rng.normal(size=(10, D)), rng.normal(size=10)
+    x = rng.normal(size=(30, D))
+    model = linear_model(weight, bias, torch.float64)
+    ds = compute_metrics(model, torch.tensor(x.reshape(-1, *SHAPE)), batch_size=7, class_chunk=class_chunk)
+    logits = x @ weight.T + bias
+    for k in range(len(x)):
+        i = logits[k].argmax()
+        ratios = [(logits[k, i] - logits[k, j]) / np.linalg.norm(weight[i] - weight[j]) if j != i else np.inf for j in range(10)]
+        assert ds["prediction"].values[k] == i
+        assert ds["runner_up"].values[k] == np.argmin(ratios)
+        assert ds["linearized_robustness"].values[k] == pytest.approx(min(ratios), rel=1e-10)
+        # g = w_i, g† = w_i - w_j*
+        g, g_dagger = weight[i], weight[i] - weight[np.argmin(ratios)]
+        assert ds["alignment"].values[k] == pytest.approx(abs(x[k] @ g) / np.linalg.norm(g), rel=1e-10)
+        angle = np.linalg.norm(x[k]) * np.linalg.norm(g_dagger / np.linalg.norm(g_dagger) - g / np.linalg.norm(g))
+        assert ds["bound_angle_term"].values[k] == pytest.approx(angle, rel=1e-10)
+        assert ds["homogeneous_part"].values[k] == pytest.approx(x[k] @ g_dagger, rel=1e-10)
+    # an affine model is exactly its linearization: the remainder is beta† everywhere
+    np.testing.assert_allclose(ds["bias_sum"].values, ds["bias_part"].values, rtol=1e-10)
+
+
+def test_constant_model_has_infinite_linearized_robustness_and_the_second_logit_as_runner_up() -> None:
+    bias = np.array([0.3, 2.0, -1.0, 1.2])
+    ds = compute_metrics(linear_model(np.zeros((4, D)), bias), torch.randn(3, *SHAPE))
+    assert np.all(np.isinf(ds["linearized_robustness"].values))
+    np.testing.assert_array_equal(ds["prediction"].values, 1)
+    np.testing.assert_array_equal(ds["runner_up"].values, 3)
+
+
+def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:
+    """Running statistics and affine parameters far from their initial 0 / 1."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            c = module.num_features
+            module.running_mean.copy_(torch.randn(c, generator=generator))
+            module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+            if module.affine:
+                with torch.no_grad():
+                    module.weight.copy_(torch.randn(c, generator=generator))
+                    module.bias.copy_(torch.randn(c, generator=generator))
+    return model
+
+
+def relu_cnn(batchnorm: bool) -> nn.Module:
+    """Conv/ReLU/max-pool with biases larger than at initialization, optionally with eval-mode batch norm
+    (affine and not, after convolutions and after a dense layer, followed by in-place ReLUs)."""
+    torch.manual_seed(3)
+    norm2d = (lambda c, affine=True: nn.BatchNorm2d(c, affine=affine)) if batchnorm else (lambda c, affine=True: nn.Identity())
+    norm1d = nn.BatchNorm1d(16) if batchnorm else nn.Identity()
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1),
+        norm2d(6),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1, bias=not batchnorm),
+        norm2d(8, affine=False),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 2 * 2, 16),
+        norm1d,
+        nn.ReLU(),
+        nn.Linear(16, 5),
+    )
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
+            nn.init.normal_(module.bias, std=0.5)
+    return randomize_batchnorm(model, seed=4)
+
+
+def assert_decomposition_exact(ds: xr.Dataset, rtol: float) -> None:
+    bias_part, bias_sum = ds["bias_part"].values, ds["bias_sum"].values
+    np.testing.assert_allclose(bias_sum, bias_part, rtol=rtol, atol=rtol * np.abs(ds["homogeneous_part"].values).max())
+    # the biases matter: a bias sum of zero would fail the comparison above
+    assert np.median(np.abs(bias_part)) > 0.05 * np.median(np.abs(ds["logit_margin"].values))
+    assert ds.attrs["max_decomposition_error"] == pytest.approx(np.abs(bias_part - bias_sum).max())
+    assert ds.attrs["max_relative_decomposition_error"] < rtol
+
+
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["relu-maxpool-bias", "eval-batchnorm"])
+def test_homogeneous_decomposition_remainder_equals_bias_sum(batchnorm: bool) -> None:
+    images = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    ds = compute_metrics(relu_cnn(batchnorm).train(), images, batch_size=5)  # train mode on entry: must switch to eval
+    assert_decomposition_exact(ds, rtol=1e-4)
+    assert "decomposition_unverified_modules" not in ds.attrs
+
+
+def test_homogeneous_decomposition_of_a_resnet_with_residuals_and_inplace_relus() -> None:
+    torch.manual_seed(6)
+    model = randomize_batchnorm(resnet_small(in_channels=3, num_classes=10), seed=7)
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    assert_decomposition_exact(compute_metrics(model, images, batch_size=4), rtol=1e-4)
+
+
+def test_decomposition_error_is_reported_for_a_non_homogeneous_model() -> None:
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, 3))
+    ds = compute_metrics(model, torch.randn(6, *SHAPE))
+    assert ds.attrs["decomposition_unverified_modules"] == ["Tanh"]
+    assert ds.attrs["max_relative_decomposition_error"] > 1e-3
+
+
+def test_batch_statistics_batchnorm_is_refused() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.raises(PipelineError, match="batch statistics"):
+        compute_metrics(model, torch.randn(2, 1, 4, 4))
+
+
+def synthetic_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ten class templates plus noise, in [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    templates = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    return (templates[labels] + 0.3 * torch.randn(n, 1, 8, 8, generator=generator)).clamp(0, 1), labels
+
+
+@pytest.fixture(scope="module")
+def trained_model() -> nn.Module:
+    torch.manual_seed(10)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(60):
+        x, y = synthetic_digits(64, seed=step)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained_metrics(trained_model: nn.Module) -> tuple[xr.Dataset, torch.Tensor, torch.Tensor]:
+    images, labels = synthetic_digits(40, seed=1000)
+    return compute_metrics(trained_model, images, batch_size=64), images, labels
+
+
+def test_bound_holds_for_every_image_of_a_trained_model(trained_metrics) -> None:  # noqa: ANN001
+    ds, _, labels = trained_metrics
+    assert (ds["prediction"].values == labels.numpy()).mean() > 0.5, "the model should have learned something"
+    rho = ds["linearized_robustness"].values
+    assert np.all(ds["bound_rhs"].values >= rho * (1 - 1e-6))
+    parts = ds["alignment"] + ds["bound_angle_term"] + ds["bound_bias_term"]
+    np.testing.assert_allclose(ds["bound_rhs"].values, parts.values, rtol=1e-12)
+
+
+def test_linearized_robustness_is_binarized_logit_over_its_gradient_norm(trained_model: nn.Module, trained_metrics) -> None:  # noqa: ANN001
+    ds, images, _ = trained_metrics
+    x = images.clone().requires_grad_(True)
+    logits = trained_model(x)
+    rows = torch.arange(len(x))
+    prediction, runner_up = torch.as_tensor(ds["prediction"].values), torch.as_tensor(ds["runner_up"].values)
+    binarized = logits[rows, prediction] - logits[rows, runner_up]
+    (g_dagger,) = torch.autograd.grad(binarized.sum(), x)
+    g_norm = g_dagger.flatten(1).double().norm(dim=1).numpy()
+    np.testing.assert_allclose(ds["logit_margin"].values, binarized.detach().double().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ds["linearized_robustness"].values, ds["logit_margin"].values / g_norm, rtol=1e-5)
+    np.testing.assert_allclose(ds["bound_bias_term"].values, np.abs(ds["bias_part"].values) / g_norm, rtol=1e-5)
+    homogeneous = (x.detach().flatten(1).double() * g_dagger.flatten(1).double()).sum(1).numpy()
+    np.testing.assert_allclose(ds["homogeneous_part"].values, homogeneous, rtol=1e-5)
+    np.testing.assert_allclose(ds["homogeneity"].values, homogeneous / ds["logit_margin"].values, rtol=1e-5)
+
+
+def test_alignment_cosine_is_alignment_over_image_norm(trained_metrics) -> None:  # noqa: ANN001
+    ds, images, _ = trained_metrics
+    image_norm = images.flatten(1).double().norm(dim=1).numpy()
+    np.testing.assert_allclose(ds["alignment_cosine"].values, ds["alignment"].values / image_norm, rtol=1e-10)
+
+
+def test_metrics_do_not_depend_on_batch_size(trained_model: nn.Module, trained_metrics) -> None:  # noqa: ANN001
+    ds, images, _ = trained_metrics
+    other = compute_metrics(trained_model, images, batch_size=7, class_chunk=4)
+    np.testing.assert_array_equal(other["prediction"].values, ds["prediction"].values)
+    np.testing.assert_array_equal(other["runner_up"].values, ds["runner_up"].values)
+    for name in METRICS:
+        np.testing.assert_allclose(other[name].values, ds[name].values, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+@pytest.fixture()
+def stores(tiny_experiment: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
+    saliency = tmp_path / "saliency.zarr"
+    saliency_stage(model_dir=tiny_experiment["model_dir"], eval_store=tiny_experiment["eval"], output=saliency, batch_size=5)
+    return {**tiny_experiment, "saliency": saliency, "output": tmp_path / "metrics" / "gradnorm-lambda0.zarr"}
+
+
+def run_metrics_stage(stores: dict[str, Path], attack_stores: dict[str, str] | None = None, saliency: Path | None = None) -> xr.Dataset:
+    metrics_stage(
+        model_dir=stores["model_dir"],
+        eval_store=stores["eval"],
+        saliency_store=saliency or stores["saliency"],
+        attack_stores=attack_stores or {},
+        output=stores["output"],
+        batch_size=5,
+        class_chunk=4,
+    )
+    return xr.open_zarr(stores["output"])
+
+
+def test_metrics_stage_writes_a_labelled_store(stores: dict[str, Path]) -> None:
+    ds = run_metrics_stage(stores)
+    eval_ds = xr.open_zarr(stores["eval"])
+    assert set(ds.data_vars) == set(METRICS) | {"label", "correct"}
+    assert all(ds[name].dims == ("sample",) for name in ds.data_vars)
+    for name in ds.data_vars:
+        assert ds[name].attrs.get("units") and ds[name].attrs.get("long_name"), name
+    np.testing.assert_array_equal(ds["label"].values, eval_ds["label"].values)
+    np.testing.assert_array_equal(ds["correct"].values, ds["prediction"].values == eval_ds["label"].values)
+    np.testing.assert_array_equal(ds["prediction"].values, xr.open_zarr(stores["saliency"])["prediction"].values)
+    assert ds.attrs["max_relative_decomposition_error"] < 1e-4
+    assert ds.attrs["model"] == "gradnorm-lambda0" and "class_chunk" in ds.attrs["config"]
+
+
+def test_metrics_stage_refuses_a_saliency_store_of_another_model(stores: dict[str, Path], tmp_path: Path) -> None:
+    saliency = open_store(stores["saliency"]).load()
+    saliency["logits"] = saliency["logits"].roll({"class": 1})
+    saliency["prediction"] = saliency["logits"].argmax("class")
+    write_store(saliency, tmp_path / "other.zarr")
+    with pytest.raises(StoreError, match="disagrees with the model on the prediction of 12 of 12"):
+        run_metrics_stage(stores, saliency=tmp_path / "other.zarr")
+
+
+def test_metrics_stage_merges_the_attack_ensembles_robustness(
+    stores: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    samples = np.arange(12)
+    paths = {}
+    for k, name in enumerate(["ddn", "fmn"]):
+        norm = xr.DataArray(np.linspace(0.1, 1.2, 12) + k, dims="sample", coords={"sample": samples}, attrs={"units": "1", "long_name": "norm"})
+        paths[name] = str(write_store(xr.Dataset({"perturbation_norm": norm}), tmp_path / f"{name}.zarr"))
+
+    def combine(datasets):  # noqa: ANN001, ANN202 (stands in for the attack issue's function)
+        norms = xr.concat([ds["perturbation_norm"] for ds in datasets.values()], dim="attack").assign_coords(attack=list(datasets))
+        return xr.Dataset(
+            {
+                "robustness": norms.min("attack").assign_attrs(units="input-space L2 distance", long_name="robustness"),
+                "robustness_attack": norms.argmin("attack").assign_attrs(units="1", long_name="attack"),
+                "attack_perturbation_norm": norms,
+            }
+        )
+
+    monkeypatch.setattr(attacks, "combine_attacks", combine, raising=False)
+    ds = run_metrics_stage(stores, attack_stores=paths)
+    np.testing.assert_allclose(ds["robustness"].values, np.linspace(0.1, 1.2, 12))
+    assert ds["attack_perturbation_norm"].dims == ("attack", "sample")
+    assert ds["robustness"].attrs["units"] == "input-space L2 distance"
