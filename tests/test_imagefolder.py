@@ -171,6 +171,24 @@ def test_resnet_on_centered_input_is_torchvision_resnet_on_normalized_pixels(arc
     assert [name for name, _ in model.input_scale.named_buffers()] == ["scale"]
 
 
+def test_resnet_logits_split_exactly_into_homogeneous_part_and_bias_sum() -> None:
+    """The std layer adds no bias: SPEC §2's decomposition holds for the whole model, with
+    batch-norm statistics that are not the identity."""
+    from saliency_robustness.metrics import compute_metrics
+
+    model = build_model(resnet_spec()).eval()
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            for tensor, low, high in ((module.running_mean, -0.2, 0.2), (module.running_var, 0.5, 2.0), (module.bias, -0.2, 0.2)):
+                tensor.data.copy_(torch.empty_like(tensor).uniform_(low, high, generator=generator))
+    x = torch.rand(6, 3, 32, 32, generator=generator) - torch.tensor(MEAN).view(1, 3, 1, 1)
+    ds = compute_metrics(model, x, batch_size=6, class_chunk=3, device="cpu")
+    assert "decomposition_unverified_modules" not in ds.attrs
+    assert ds.attrs["max_relative_decomposition_error"] < 1e-4
+    assert float(np.abs(ds["bias_part"]).min()) > 1e-3  # a real bias part, not a trivially zero one
+
+
 @pytest.mark.parametrize("layout", ["backbone", "full"])
 def test_local_state_dict_initializes_the_model(tmp_path: Path, layout: str) -> None:
     source = build_model(resnet_spec(seed=7))
