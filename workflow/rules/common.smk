@@ -42,10 +42,10 @@ wildcard_constraints:
 # package modules each stage runs; their source is part of the stage's version
 STAGE_MODULES = {
     "data": ["data", "stores"],
-    "train": ["training", "models", "data", "stores"],
-    "saliency": ["saliency", "models", "data", "stores"],
-    "attacks": ["attacks", "models", "data", "stores"],
-    "metrics": ["metrics", "saliency", "attacks", "models", "data", "stores"],
+    "train": ["training", "models", "data", "stores", "runtime"],
+    "saliency": ["saliency", "models", "data", "stores", "runtime"],
+    "attacks": ["attacks", "saliency", "models", "data", "stores", "runtime"],
+    "metrics": ["metrics", "saliency", "attacks", "models", "data", "stores", "runtime"],
     "summary": ["summary", "stores"],
     "figures": ["figures", "summary", "stores"],
 }

@@ -38,6 +38,17 @@ def resolve_device(requested: str | None = None) -> torch.device:
     return device
 
 
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Turn TF32 off for matmuls and cuDNN convolutions (restored afterwards)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 def configure_threads(threads: int) -> None:
     """Give torch exactly the cores Snakemake granted this job."""
     torch.set_num_threads(max(1, int(threads)))

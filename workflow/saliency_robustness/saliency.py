@@ -22,9 +22,8 @@ import xarray as xr
 from torch import nn
 
 from saliency_robustness.models import load_model
-from saliency_robustness.runtime import progress, resolve_device
+from saliency_robustness.runtime import full_precision, progress, resolve_device
 from saliency_robustness.stores import open_store, provenance, write_store
-from saliency_robustness.training import full_precision
 
 log = logging.getLogger(__name__)
 

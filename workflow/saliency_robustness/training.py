@@ -15,14 +15,13 @@ last completed epoch with bit-identical results.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from saliency_robustness.data import class_names, open_split, seeded_subset
 from saliency_robustness.errors import ConfigError, PipelineError, TrainingDiverged
 from saliency_robustness.models import ModelSpec, build_model, load_initial_weights, save_model
-from saliency_robustness.runtime import progress, resolve_device
+from saliency_robustness.runtime import full_precision, progress, resolve_device
 from saliency_robustness.stores import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -133,17 +132,6 @@ def epoch_loader(ds: Dataset, train: Mapping[str, Any], epoch: int, device: torc
         prefetch_factor=4 if workers > 0 else None,
         drop_last=False,
     )
-
-
-@contextlib.contextmanager
-def full_precision() -> Iterator[None]:
-    """Turn TF32 off for matmuls and cuDNN convolutions (restored afterwards)."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def _save_resume_state(path: Path, state: dict[str, Any]) -> None:
