@@ -342,7 +342,10 @@ def test_whole_workflow_runs_on_a_synthetic_folder(folder_root: Path, tmp_path: 
     # targets of a partial run, e.g. "results/imagefolder-test/data/eval.zarr" (for debugging)
     targets = os.environ.get("IMAGEFOLDER_E2E_TARGETS", "").split()
     monkeypatch.setenv("SALIENCY_ROBUSTNESS_DEVICE", "cpu")
-    result = snakemake(tmp_path, TEST_CONFIG, *targets, data_root=folder_root)
+    # one thread per job, two jobs at a time: two-thread jobs on two shared cores oversubscribe
+    # them (a double-backprop step measured 5-10 times slower than with one thread)
+    one_thread = ["--set-threads", *(f"{rule}=1" for rule in ("train", "saliency", "attack", "metrics"))]
+    result = snakemake(tmp_path, TEST_CONFIG, *one_thread, *targets, data_root=folder_root)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
 
     out = tmp_path / "results" / "imagefolder-test"

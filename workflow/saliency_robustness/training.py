@@ -10,7 +10,8 @@ of the batch-mean loss, which scales each example's gradient by 1/B, so their
 On a GPU the double backward runs in full float32 precision: no autocast, and TF32 off
 for matmuls and convolutions while training (TF32 keeps 10 mantissa bits, too coarse for a
 gradient of a gradient). Per-epoch resume files make a killed job continue after its
-last completed epoch with bit-identical results.
+last completed epoch on the uninterrupted run's schedule (bit-identical on the CPU; cuDNN's
+nondeterministic kernels make any two GPU runs differ in the last bits).
 """
 
 from __future__ import annotations
