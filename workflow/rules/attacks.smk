@@ -8,7 +8,7 @@ rule attack:
         version=attack_version,
     log:
         f"{LOGS}/attacks/{{model}}/{{attack}}.log",
-    threads: 2
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=240,

@@ -10,7 +10,7 @@ rule metrics:
         version=stage_version("metrics", **config["metrics"]),
     log:
         f"{LOGS}/metrics/{{model}}.log",
-    threads: 2
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=120,

@@ -9,7 +9,7 @@ rule saliency:
         version=stage_version("saliency", **config["saliency"]),
     log:
         f"{LOGS}/saliency/{{model}}.log",
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=60,

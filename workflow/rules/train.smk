@@ -1,3 +1,5 @@
+# one thread per job: with --cores all, jobs run side by side; two-thread torch jobs on
+# shared cores were 5-10x slower (oversubscription). Raise with --set-threads train=8.
 rule train:
     output:
         directory(f"{RESULTS}/models/{{model}}"),
@@ -8,7 +10,7 @@ rule train:
         version=train_version,
     log:
         f"{LOGS}/train/{{model}}.log",
-    threads: 2
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=240,
