@@ -51,6 +51,16 @@ STAGE_MODULES = {
 }
 
 
+def canonical(value):
+    """Dicts with sorted keys, recursively: Snakemake compares params by their text, so
+    reordering keys in a config file must not look like a change."""
+    if isinstance(value, dict):
+        return {k: canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    return value
+
+
 def stage_version(stage, **config_subset):
     """Hash of a stage's code and config subset, passed as a param so changes rerun it."""
     return fingerprint({"code": code_fingerprint(STAGE_MODULES[stage]), "config": config_subset})
@@ -66,13 +76,13 @@ def model_dir(model):
 
 
 def train_settings(wildcards):
-    return {
+    return canonical({
         "name": wildcards.model,
         "lam": MODELS[wildcards.model],
         "dataset": dataset_identity(),
         "model": config["model"],
         "train": {k: v for k, v in config["train"].items() if k != "lambdas"},
-    }
+    })
 
 
 def resume_file(wildcards):
@@ -108,12 +118,12 @@ def attack_inputs(wildcards):
 
 
 def attack_settings(wildcards):
-    return {
+    return canonical({
         "name": wildcards.attack,
         **ATTACKS[wildcards.attack],
         "batch_size": config["attacks"]["batch_size"],
         "store_adversarials": config["attacks"]["store_adversarials"],
-    }
+    })
 
 
 def attack_version(wildcards):

@@ -2,7 +2,7 @@ rule data:
     output:
         directory(f"{RESULTS}/data/eval.zarr"),
     params:
-        dataset=config["dataset"],
+        dataset=canonical(config["dataset"]),
         data_root=config["data_root"],
         version=stage_version("data", dataset=config["dataset"]),
     log:

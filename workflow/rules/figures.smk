@@ -9,7 +9,7 @@ rule figure:
         ),
         pdf=f"{RESULTS}/figures/{{figure}}.pdf",
     params:
-        options=config["figures"],
+        options=canonical(config["figures"]),
         version=stage_version("figures", **config["figures"]),
     log:
         f"{LOGS}/figures/{{figure}}.log",
