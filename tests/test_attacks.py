@@ -260,6 +260,7 @@ def test_combine_attacks_takes_the_smallest_verified_norm() -> None:
         assert {"units", "long_name"} <= set(var.attrs)
 
 
+@pytest.mark.filterwarnings("ignore:At the first initialisation:UserWarning")
 def test_registry_names_the_config_classes() -> None:
     for config in ("config/config.yaml", "config/smoke.yaml", "config/paper-mnist.yaml"):
         ensemble = config_ensemble(config)
