@@ -36,6 +36,10 @@ def test_defaults_are_filled_in_nested_sections() -> None:
         ({"experiment": "x", "train": {"sensitivity": "margin"}}, "config key 'train.sensitivity'"),
         ({"experiment": "x", "dataset": {"n_eval": 0}}, "config key 'dataset.n_eval'"),
         ({"train": {}}, "missing config key 'experiment'"),
+        (
+            {"experiment": "x", "attacks": {"store_adversarials": False, "ensemble": {"f": {"attack": "L2FMNAttack", "refine": True}}}},
+            "config key 'attacks.store_adversarials'",
+        ),
         ({"experiment": "x", "attacks": {"ensemble": {"df": {"kwargs": {}}}}}, "missing config key 'attacks.ensemble.df.attack'"),
     ],
 )

@@ -74,6 +74,12 @@ def validate_config(config: Mapping[str, Any], schema_path: Path | str = SCHEMA_
         # the most specific error first: deepest path, then schema order
         best = jsonschema.exceptions.best_match(errors)
         raise ConfigError(_one_line(best))
+    attacks = checked["attacks"]
+    if not attacks["store_adversarials"] and any(a["refine"] for a in attacks["ensemble"].values()):
+        raise ConfigError(
+            "config key 'attacks.store_adversarials': must be true when an attack has refine: true "
+            "(it starts from the other attacks' stored adversarials)"
+        )
     return checked
 
 
