@@ -114,11 +114,12 @@ def test_changing_a_figure_option_reruns_only_figures(smoke_run, tmp_path) -> No
 def test_changing_one_attack_reruns_it_and_what_follows_but_no_training(smoke_run, tmp_path) -> None:  # noqa: ANN001
     workdir, _, data_root = smoke_run
     ensemble = dict(SMOKE["attacks"]["ensemble"])
-    name = next(iter(ensemble))
+    refiners = [n for n, a in ensemble.items() if a.get("refine")]
+    name = next(n for n in ensemble if n not in refiners)  # a base attack: the refiners start from it
     ensemble[name] = {**ensemble[name], "kwargs": {**ensemble[name].get("kwargs", {}), "steps": 7}}
     changed = with_changes(tmp_path, "attack", attacks={"ensemble": ensemble})
     jobs = planned_jobs(snakemake(workdir, changed, "-n", data_root=data_root))
     n_models = len(SMOKE["train"]["lambdas"])
     assert jobs.get("train", 0) == 0 and jobs.get("data", 0) == 0 and jobs.get("saliency", 0) == 0
-    assert jobs["attack"] == n_models  # that attack, once per model
+    assert jobs["attack"] == n_models * (1 + len(refiners))  # that attack and the refiners, per model
     assert jobs["metrics"] == n_models and jobs["summary"] == 1 and jobs["figure"] == 7
