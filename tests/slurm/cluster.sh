@@ -17,6 +17,9 @@ SLURM_CONF_FILE=/etc/slurm/slurm.conf
 SLURM_CONF_BACKUP=""  # where slurm_up moved a slurm.conf it found
 SLURM_CONF_WRITTEN=0  # 1 once slurm_up wrote SLURM_CONF_FILE
 SLURM_CPU_OVERCOMMIT=${SLURM_CPU_OVERCOMMIT:-4}  # CPUs the node declares per real core
+# a name of this bring-up alone: its jobs carry it as SLURM_CLUSTER_NAME, which tells their
+# processes apart from any others on the machine
+SLURM_TEST_CLUSTER=citest$$
 
 slurm_log() { echo "[slurm $(date +%T)] $*" >&2 || true; }
 
@@ -54,7 +57,7 @@ slurm_write_conf() {
   memory_mb=$(($(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo) - 1024))
   mkdir -p "$(dirname "$file")"
   cat >"$file" <<EOF
-ClusterName=ci
+ClusterName=$SLURM_TEST_CLUSTER
 SlurmctldHost=$host
 SlurmUser=slurm
 AuthType=auth/munge
@@ -92,6 +95,19 @@ EOF
 slurm_munge_works() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 slurm_ctld_up() { scontrol ping | grep -q UP; }
 slurm_node_idle() { [[ $(sinfo -h -N -o %T) == idle* ]]; }
+slurm_no_jobs() { [[ -z $(squeue -h -o %i) ]]; }
+
+# PIDs of processes started by this cluster's jobs (their environment names the cluster)
+slurm_job_pids() {
+  local environ pid
+  for environ in /proc/[0-9]*/environ; do
+    pid=${environ#/proc/}
+    pid=${pid%/environ}
+    if tr '\0' '\n' 2>/dev/null <"$environ" | grep -qx "SLURM_CLUSTER_NAME=$SLURM_TEST_CLUSTER"; then
+      echo "$pid"
+    fi
+  done
+}
 
 slurm_up() {
   local dir=$1
@@ -152,8 +168,10 @@ slurm_up() {
 slurm_down() {
   local i entry name pidfile pid
   if ((${#SLURM_STARTED_PIDS[@]})); then
-    # the test cluster runs only the test's jobs
+    # cancel the jobs left (the test cluster runs only the test's), and let SLURM end them
+    # (SIGTERM, then SIGKILL after KillWait) before its daemons go
     timeout 10 squeue -h -o %i 2>/dev/null | xargs -r timeout 10 scancel >/dev/null 2>&1 || true
+    wait_for 30 "the cancelled jobs to end" slurm_no_jobs || true
   fi
   for ((i = ${#SLURM_STARTED_PIDS[@]} - 1; i >= 0; i--)); do
     entry=${SLURM_STARTED_PIDS[i]}
@@ -173,6 +191,11 @@ slurm_down() {
     slurm_log "stopped $name ($pid)"
   done
   SLURM_STARTED_PIDS=()
+  # whatever a job left running once its daemons were gone
+  for pid in $(slurm_job_pids); do
+    slurm_log "killing $pid, left over from a job: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-120)"
+    kill -9 "$pid" 2>/dev/null || true
+  done
   if ((SLURM_CONF_WRITTEN)); then
     rm -f "$SLURM_CONF_FILE"
     [[ -z $SLURM_CONF_BACKUP ]] || mv "$SLURM_CONF_BACKUP" "$SLURM_CONF_FILE"
