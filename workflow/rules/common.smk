@@ -21,7 +21,8 @@ LOGS = f"{RESULTS}/logs"
 
 
 ATTACKS = config["attacks"]["ensemble"]  # name -> {attack, kwargs, refine}
-BASE_ATTACKS = [name for name, spec in ATTACKS.items() if not spec["refine"]]
+ATTACK_NAMES = sorted(ATTACKS)  # sorted: the config's key order must not look like a change
+BASE_ATTACKS = [name for name in ATTACK_NAMES if not ATTACKS[name]["refine"]]
 FIGURES = [
     "saliency_gallery",
     "alignment_vs_robustness",
@@ -135,7 +136,7 @@ def metrics_inputs(wildcards):
         "model": model_dir(wildcards.model),
         "eval": EVAL_STORE,
         "saliency": saliency_store(wildcards.model),
-        "attacks": [attack_store(wildcards.model, a) for a in ATTACKS],
+        "attacks": [attack_store(wildcards.model, a) for a in ATTACK_NAMES],
     }
 
 

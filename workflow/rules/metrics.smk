@@ -4,7 +4,7 @@ rule metrics:
     output:
         directory(metrics_store("{model}")),
     params:
-        attacks=list(ATTACKS),
+        attacks=ATTACK_NAMES,
         batch_size=config["metrics"]["batch_size"],
         class_chunk=config["metrics"]["class_chunk"],
         version=stage_version("metrics", **config["metrics"]),
