@@ -25,6 +25,13 @@ include: "workflow/rules/summary.smk"
 include: "workflow/rules/figures.smk"
 
 
+# small CPU jobs run in Snakemake's own process, also on a cluster
+localrules:
+    all,
+    summary,
+    figure,
+
+
 rule all:
     input:
         final_targets(),

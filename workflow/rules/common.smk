@@ -1,9 +1,14 @@
 # Config validation, the model grid, stage versions, and input functions.
 import sys
 
-from saliency_robustness.config import code_fingerprint, fingerprint, model_grid, validate_config
+from saliency_robustness.config import (
+    code_fingerprint,
+    export_package_path,
+    fingerprint,
+    model_grid,
+    validate_config,
+)
 from saliency_robustness.errors import ConfigError
-from saliency_robustness.runtime import export_package_path
 
 try:
     _validated = validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))

@@ -1,9 +1,24 @@
 """Adversarial robustness and saliency-map alignment (Etmann et al., ICML 2019)."""
 
-from saliency_robustness.metrics import compute_metrics
-from saliency_robustness.models import load_model
-from saliency_robustness.saliency import compute_saliency
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "compute_metrics", "compute_saliency", "load_model"]
+# imported on first use, so that parsing the Snakefile (which imports the config module)
+# does not pay for torch
+_LAZY = {
+    "compute_metrics": "saliency_robustness.metrics",
+    "compute_saliency": "saliency_robustness.saliency",
+    "load_model": "saliency_robustness.models",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'saliency_robustness' has no attribute {name!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -122,3 +123,12 @@ def code_fingerprint(modules: Iterable[str]) -> str:
         digest.update(module.encode())
         digest.update((PACKAGE_DIR / f"{module}.py").read_bytes())
     return digest.hexdigest()[:16]
+
+
+def export_package_path() -> None:
+    """Let Snakemake jobs import this package from its checkout, also inside a conda env
+    (or on a cluster node) where it was never installed; quiet foolbox's git probe."""
+    package_parent = str(PACKAGE_DIR.parent)
+    paths = [package_parent] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")

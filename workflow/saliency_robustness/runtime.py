@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import sys
-from pathlib import Path
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -109,11 +108,3 @@ def one_line_errors(func):  # noqa: ANN001, ANN201
     wrapper.__name__ = func.__name__
     return wrapper
 
-
-def export_package_path() -> None:
-    """Let Snakemake jobs import this package from its checkout, also inside a conda env
-    (or on a cluster node) where it was never installed; quiet foolbox's git probe."""
-    package_parent = str(Path(__file__).resolve().parents[1])
-    paths = [package_parent] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
