@@ -57,7 +57,7 @@ from foolbox.attacks.gradient_descent_base import AdamOptimizer  # noqa: E402
 from foolbox.devutils import atleast_kd, flatten  # noqa: E402
 
 from saliency_robustness.data import InputSpace, eval_tensors  # noqa: E402
-from saliency_robustness.errors import ConfigError, StoreError  # noqa: E402
+from saliency_robustness.errors import ConfigError, StoreError, one_line  # noqa: E402
 from saliency_robustness.models import load_model  # noqa: E402
 from saliency_robustness.runtime import progress, resolve_device  # noqa: E402
 from saliency_robustness.stores import open_store, provenance, write_store  # noqa: E402
@@ -245,7 +245,7 @@ def make_attack(name: str, kwargs: Mapping[str, Any] | None = None) -> Minimizat
     try:
         return entry(**dict(kwargs or {}))
     except TypeError as exc:
-        raise ConfigError(f"bad keyword arguments for {name}: {exc}".splitlines()[0]) from None
+        raise ConfigError(f"bad keyword arguments for {name}: {one_line(exc)}") from None
     except ImportError as exc:  # numba for Brendel-Bethge
         raise ConfigError(f"{name} needs an optional package ({exc}); pip install 'saliency-robustness[refine]'") from None
 

@@ -18,7 +18,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from saliency_robustness.errors import ConfigError
+from saliency_robustness.errors import ConfigError, one_line
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SCHEMA_PATH = PACKAGE_DIR.parent / "schemas" / "config.schema.yaml"
@@ -54,7 +54,7 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(parts) or "<top level>"
 
 
-def _one_line(error: jsonschema.ValidationError) -> str:
+def _message(error: jsonschema.ValidationError) -> str:
     key = _key_path(error)
     if error.validator == "additionalProperties":
         return f"unknown config key '{key}'"
@@ -74,7 +74,7 @@ def validate_config(config: Mapping[str, Any], schema_path: Path | str = SCHEMA_
     if errors:
         # the most specific error first: deepest path, then schema order
         best = jsonschema.exceptions.best_match(errors)
-        raise ConfigError(_one_line(best))
+        raise ConfigError(_message(best))
     attacks = checked["attacks"]
     if not attacks["store_adversarials"] and any(a["refine"] for a in attacks["ensemble"].values()):
         raise ConfigError(
@@ -89,7 +89,7 @@ def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None) ->
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}".splitlines()[0]) from None
+        raise ConfigError(f"cannot read config file {path}: {one_line(exc)}") from None
     raw.update(overrides or {})
     return validate_config(raw)
 

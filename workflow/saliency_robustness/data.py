@@ -21,7 +21,7 @@ import torch
 import xarray as xr
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from saliency_robustness.errors import DataError
+from saliency_robustness.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,9 @@ def _mnist(root: Path, train: bool) -> Any:
     try:
         return MNIST(str(root), train=train, download=True)
     except Exception as exc:  # offline: URLError, RuntimeError, PermissionError, ...
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(
             f"MNIST not found under data_root={str(root)!r} (expected {root}/MNIST/raw/) "
-            f"and download failed: {reason}"
+            f"and download failed: {one_line(exc)}"
         ) from None
 
 
@@ -141,7 +140,7 @@ def load_imagefolder(dataset: Mapping[str, Any], data_root: str | Path, split: s
             loader=partial(_load_image, mode="RGB" if channels == 3 else "L"),
         )
     except (FileNotFoundError, OSError) as exc:
-        raise DataError(f"cannot read ImageNet-layout folder {folder}: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"cannot read ImageNet-layout folder {folder}: {one_line(exc)}") from None
 
 
 def open_split(dataset: Mapping[str, Any], data_root: str | Path, split: str) -> tuple[Dataset, InputSpace]:

@@ -21,3 +21,13 @@ class StoreError(PipelineError):
 
 class TrainingDiverged(PipelineError):
     """The training loss became NaN or infinite."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's text as one line: its lines joined by ``; ``, cut at ``limit`` characters.
+
+    Third-party errors (zarr, torch, jsonschema, urllib) often span lines; a
+    :class:`PipelineError` built from one must still print as one line.
+    """
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -76,7 +76,7 @@ def alignment_vs_robustness(summary: xr.Dataset, **_: Any) -> plt.Figure:
     table = _with_labels(model_table(summary))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
     _median_plot(axes[0], table, "robustness", "alignment")
-    axes[0].set_title("Alignment grows with robustness")
+    axes[0].set_title("Alignment against robustness")
     _median_plot(axes[1], table, "robustness", "alignment_cosine")
     axes[1].set_title("Cosine version (alignment / ||x||)")
     axes[1].get_legend().remove()
@@ -135,12 +135,17 @@ def alignment_vs_robustness_per_image(summary: xr.Dataset, **_: Any) -> plt.Figu
         height=2.6,
         facet_kws={"sharex": True, "sharey": True},
     )
+    lim = float(np.nanmax(frame[["robustness", "alignment"]].to_numpy())) * 1.05
     for ax in grid.axes.flat:
-        lim = max(ax.get_xlim()[1], ax.get_ylim()[1])
         ax.plot([0, lim], [0, lim], ls="--", lw=0.8, color="0.5")
+        ax.set(xlim=(0, lim), ylim=(0, lim), aspect="equal")
     grid.set_titles("{col_name}")
-    grid.set_axis_labels(LABELS["robustness"], LABELS["alignment"])
-    grid.figure.suptitle("Per-image alignment against robustness (dashed: α = ρ)", y=1.02)
+    # the long labels go once on the figure, not under every facet
+    grid.set_axis_labels("ρ(x)", "α(x)")
+    grid.figure.supxlabel(LABELS["robustness"])
+    grid.figure.supylabel(LABELS["alignment"])
+    grid.figure.suptitle("Per-image alignment against robustness (dashed: α = ρ)")
+    grid.figure.tight_layout()
     return grid.figure
 
 
@@ -223,7 +228,7 @@ def saliency_gallery(
         ax.set_yticks([])
     axes[0, 0].set_ylabel("image", fontsize="small")
     fig.colorbar(im, ax=axes[1:, -1], shrink=0.6, label="saliency / max |saliency| (per map)", ticks=[])
-    fig.suptitle(r"Saliency maps $\nabla\Psi^{F(x)}(x)$: robustness makes them align with the image")
+    fig.suptitle(r"Saliency maps $\nabla\Psi^{F(x)}(x)$, one row per model by λ")
     return fig
 
 

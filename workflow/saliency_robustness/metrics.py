@@ -28,12 +28,11 @@ import torch
 import xarray as xr
 from torch import nn
 
-from saliency_robustness.errors import PipelineError, StoreError
+from saliency_robustness.errors import PipelineError, StoreError, one_line
 from saliency_robustness.models import PerChannelScale, load_model
 from saliency_robustness.runtime import resolve_device
 from saliency_robustness.saliency import (
     Images,
-    as_device,
     batch_slices,
     evaluation_mode,
     image_tensor,
@@ -283,7 +282,7 @@ def compute_metrics(
     """
     if class_chunk < 1:
         raise ValueError(f"class_chunk must be positive, got {class_chunk}")
-    device = as_device(device)
+    device = resolve_device(device)
     images = image_tensor(images)
     dtype = model_dtype(model)
     parts: list[dict[str, np.ndarray]] = []
@@ -352,7 +351,7 @@ def with_robustness(ds: xr.Dataset, attack_stores: Mapping[str, str | Path]) -> 
     try:
         return xr.merge([ds, robustness], join="exact", combine_attrs="override", compat="override")
     except ValueError as exc:
-        raise StoreError(f"attack stores do not cover the evaluation samples: {str(exc).splitlines()[0]}") from None
+        raise StoreError(f"attack stores do not cover the evaluation samples: {one_line(exc)}") from None
 
 
 def metrics_stage(

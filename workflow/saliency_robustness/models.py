@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from saliency_robustness.errors import ConfigError, DataError, StoreError
+from saliency_robustness.errors import ConfigError, DataError, StoreError, one_line
 
 CHECKPOINT = "model.pt"
 SPEC = "spec.json"
@@ -186,7 +186,7 @@ def load_spec(model_dir: Path | str) -> ModelSpec:
     try:
         return ModelSpec.from_json(path.read_text())
     except (OSError, ValueError, TypeError) as exc:
-        raise StoreError(f"cannot read model spec {path}: {exc}".splitlines()[0]) from None
+        raise StoreError(f"cannot read model spec {path}: {one_line(exc)}") from None
 
 
 def load_model(model_dir: Path | str, device: torch.device | str = "cpu") -> nn.Module:
@@ -198,7 +198,7 @@ def load_model(model_dir: Path | str, device: torch.device | str = "cpu") -> nn.
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except (OSError, RuntimeError, EOFError) as exc:
-        raise StoreError(f"cannot load checkpoint {path}: {exc}".splitlines()[0]) from None
+        raise StoreError(f"cannot load checkpoint {path}: {one_line(exc)}") from None
     return model.to(device).eval()
 
 
@@ -212,11 +212,6 @@ def torchvision_weights(architecture: str, name: str) -> Any | None:
         return None
 
 
-def _one_line(exc: BaseException) -> str:
-    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def initial_state(architecture: str, weights: str, data_root: Path | str = ".") -> Mapping[str, torch.Tensor]:
     """The ``state_dict`` that ``model.weights`` names: a torchvision weight of the
     architecture (downloaded once into torch's hub cache), else a local file (relative
@@ -227,7 +222,7 @@ def initial_state(architecture: str, weights: str, data_root: Path | str = ".") 
             return entry.get_state_dict(progress=False, check_hash=True, map_location="cpu", weights_only=True)
         except Exception as exc:  # offline: URLError, OSError, ...
             raise DataError(
-                f"cannot get torchvision weights {architecture} {weights} ({_one_line(exc)}); offline, save them "
+                f"cannot get torchvision weights {architecture} {weights} ({one_line(exc)}); offline, save them "
                 "with torch.save(state_dict, file) elsewhere and set model.weights to that file"
             ) from None
     path = Path(weights).expanduser()
@@ -237,7 +232,7 @@ def initial_state(architecture: str, weights: str, data_root: Path | str = ".") 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors of many types
-        raise DataError(f"cannot read weights file {path} as a plain state_dict (weights_only=True): {_one_line(exc)}") from None
+        raise DataError(f"cannot read weights file {path} as a plain state_dict (weights_only=True): {one_line(exc)}") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DataError(f"weights file {path} does not hold a state_dict (a mapping of names to tensors)")
     return state
@@ -259,5 +254,5 @@ def load_initial_weights(model: nn.Module, spec: ModelSpec, data_root: Path | st
     except RuntimeError as exc:
         raise ConfigError(
             f"weights {spec.weights!r} do not fit {spec.architecture} with num_classes={spec.num_classes}, "
-            f"in_channels={spec.in_channels}: {_one_line(exc)}"
+            f"in_channels={spec.in_channels}: {one_line(exc)}"
         ) from None

@@ -19,12 +19,15 @@ log = logging.getLogger("saliency_robustness")
 T = TypeVar("T")
 
 
-def resolve_device(requested: str | None = None) -> torch.device:
+def resolve_device(requested: torch.device | str | None = None) -> torch.device:
     """``auto`` (default): the GPU the scheduler gave us when there is one, else the CPU.
 
     The override comes from the argument or the ``SALIENCY_ROBUSTNESS_DEVICE`` variable
-    (``cpu``, ``cuda``, ``cuda:1``); it is not part of the experiment's config.
+    (``cpu``, ``cuda``, ``cuda:1``); it is not part of the experiment's config. A
+    ``torch.device`` is returned as it is.
     """
+    if isinstance(requested, torch.device):
+        return requested
     choice = (requested or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

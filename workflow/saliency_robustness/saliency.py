@@ -31,11 +31,6 @@ IMAGE_DIMS = ("sample", "channel", "y", "x")
 Images = torch.Tensor | np.ndarray | xr.DataArray
 
 
-def as_device(device: torch.device | str | None) -> torch.device:
-    """``None`` means the GPU when there is one (or ``SALIENCY_ROBUSTNESS_DEVICE``)."""
-    return device if isinstance(device, torch.device) else resolve_device(device)
-
-
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype the model computes in (float32 for every trained model; float64 in tests)."""
     first = next(model.parameters(), None)
@@ -117,7 +112,7 @@ def compute_saliency(
     ``prediction``. The model runs in eval mode on ``device`` (default: the GPU when there
     is one) and in its own dtype; memory is bounded by ``batch_size`` images.
     """
-    device = as_device(device)
+    device = resolve_device(device)
     images = image_tensor(images)
     dtype = model_dtype(model)
     saliency = np.empty(tuple(images.shape), dtype=numpy_dtype(dtype))

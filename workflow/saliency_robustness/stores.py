@@ -21,7 +21,7 @@ from typing import Any
 
 import xarray as xr
 
-from saliency_robustness.errors import StoreError
+from saliency_robustness.errors import StoreError, one_line
 
 ZARR_FORMAT = 3
 CONSOLIDATED = True
@@ -134,8 +134,7 @@ def open_store(path: Path | str, variables: Iterable[str] = ()) -> xr.Dataset:
     try:
         ds = xr.open_zarr(p, consolidated=CONSOLIDATED, zarr_format=ZARR_FORMAT)
     except Exception as exc:  # zarr raises many types for a damaged store
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise StoreError(f"store {p} is corrupt or not a Zarr store ({reason}); delete it and rerun") from None
+        raise StoreError(f"store {p} is corrupt or not a Zarr store ({one_line(exc)}); delete it and rerun") from None
     missing = [v for v in variables if v not in ds.variables]
     if missing:
         raise StoreError(f"store {p} lacks variable(s) {', '.join(missing)}; delete it and rerun")
