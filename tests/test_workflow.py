@@ -123,3 +123,22 @@ def test_changing_one_attack_reruns_it_and_what_follows_but_no_training(smoke_ru
     assert jobs.get("train", 0) == 0 and jobs.get("data", 0) == 0 and jobs.get("saliency", 0) == 0
     assert jobs["attack"] == n_models * (1 + len(refiners))  # that attack and the refiners, per model
     assert jobs["metrics"] == n_models and jobs["summary"] == 1 and jobs["figure"] == 7
+
+
+def test_report_holds_every_figure_with_its_own_caption(smoke_run, tmp_path) -> None:  # noqa: ANN001
+    from saliency_robustness.figures import FIGURES
+
+    captions = (REPO / "workflow" / "report" / "figures.rst").read_text()
+    branches = re.findall(r'snakemake\.wildcards\.figure == "(\w+)"', captions)
+    assert sorted(branches) == sorted(FIGURES)
+    workdir, configfile, data_root = smoke_run
+    report = tmp_path / "report.html"
+    result = snakemake(workdir, configfile, "--report", str(report), data_root=data_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ERROR/" not in result.stderr, result.stderr[-3000:]  # docutils: the captions are valid reST
+    html = report.read_text()
+    for name in FIGURES:
+        assert f"{name}.png" in html
+    # the first words of each figure's own caption, not the fallback
+    for first_words in re.findall(r"%\}\n([\w-]+ [\w-]+)", captions.split("{% else %}")[0]):
+        assert first_words in html, first_words

@@ -4,7 +4,7 @@ rule figure:
     output:
         png=report(
             f"{RESULTS}/figures/{{figure}}.png",
-            caption="../report/{figure}.rst",
+            caption="../report/figures.rst",
             category="Figures",
         ),
         pdf=f"{RESULTS}/figures/{{figure}}.pdf",

@@ -111,10 +111,13 @@ def accuracy_robustness_vs_lambda(summary: xr.Dataset, **_: Any) -> plt.Figure:
     axes[0].set_title("Accuracy")
     sns.lineplot(data=table, x="lambda", y="robustness_median", marker="o", ax=axes[1], label="median")
     axes[1].fill_between(table["lambda"], table["robustness_q25"], table["robustness_q75"], alpha=0.25, label="interquartile")
+    axes[1].legend()
     axes[1].set_ylabel(f"median {LABELS['robustness']}")
     axes[1].set_title("Robustness")
     for ax in axes:
         ax.set_xscale("symlog", linthresh=linthresh)
+        # no negative half: lambda >= 0
+        ax.set_xlim(-0.2 * linthresh, max(float(table["lambda"].max()), linthresh) * 1.5)
         ax.set_xlabel("regularization strength λ (per example; symlog axis)")
     return fig
 
