@@ -28,6 +28,7 @@ from saliency_robustness.attacks import (
     make_attack,
     run_attack,
     run_ensemble,
+    smallest_verified,
     verify_adversarials,
 )
 from saliency_robustness.data import InputSpace, eval_dataset
@@ -351,3 +352,14 @@ def test_brendel_bethge_without_refine_is_a_config_error(tiny_stage, tmp_path: P
             output=tmp_path / "bb.zarr",
             settings=stage_settings("BB", "L2BrendelBethgeAttack", {}),
         )
+
+
+def test_smallest_verified_picks_the_smallest_finite_norm_per_sample() -> None:
+    nan = math.nan
+    norms = np.array([[2.0, nan, nan, 0.5], [1.0, 3.0, nan, 0.7]])  # (attack, sample)
+    best, smallest = smallest_verified(norms, axis=0)
+    np.testing.assert_array_equal(best[[0, 1, 3]], [1, 1, 0])
+    np.testing.assert_array_equal(smallest, [1.0, 3.0, nan, 0.5])
+    best_t, smallest_t = smallest_verified(norms.T, axis=1)
+    np.testing.assert_array_equal(best_t, best)
+    np.testing.assert_array_equal(smallest_t, smallest)

@@ -12,10 +12,11 @@ import xarray as xr
 from scipy.stats import spearmanr
 
 from saliency_robustness.data import MNIST_INPUT_SPACE, eval_dataset
+from saliency_robustness.errors import StoreError
 from saliency_robustness.figures import FIGURES, figure_stage
 from saliency_robustness.models import ModelSpec
 from saliency_robustness.stores import write_store
-from saliency_robustness.summary import summary_stage
+from saliency_robustness.summary import read_test_accuracy, summary_stage
 
 LAMBDAS = [0.0, 0.01, 0.1]
 N = 30
@@ -119,3 +120,12 @@ def test_every_figure_is_drawn_as_png_and_pdf(experiment, figure: str) -> None: 
     )
     assert outputs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert outputs[1].read_bytes()[:5] == b"%PDF-"
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"accuracy": 0.9}'])
+def test_a_missing_or_corrupt_test_accuracy_is_a_one_line_store_error(tmp_path, content) -> None:  # noqa: ANN001
+    if content is not None:
+        (tmp_path / "test_accuracy.json").write_text(content)
+    with pytest.raises(StoreError, match="cannot read the test accuracy") as info:
+        read_test_accuracy(tmp_path)
+    assert "\n" not in str(info.value)

@@ -337,7 +337,7 @@ def run_attack(
     ``perturbation_norm`` (NaN where not verified), ``success``, ``claimed_success``,
     ``adversarial_prediction``, ``clean_prediction`` and (optionally) ``adversarial``.
     """
-    device = torch.device(device) if device is not None else resolve_device()
+    device = resolve_device(device)
     instance = make_attack(attack, kwargs) if isinstance(attack, str) else attack
     class_name = attack if isinstance(attack, str) else type(attack).__name__
     name = name or class_name
@@ -484,6 +484,14 @@ def load_attack_stores(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
     return {Path(p).name.removesuffix(".zarr"): open_store(p, variables=["perturbation_norm", "success"]) for p in paths}
 
 
+def smallest_verified(norms: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Along ``axis`` (the attacks) of verified norms (NaN where none): the index of the
+    smallest one and its value (NaN where no attack succeeded; the index is then 0)."""
+    masked = np.where(np.isfinite(norms), norms, np.inf)
+    smallest = masked.min(axis=axis)
+    return masked.argmin(axis=axis), np.where(np.isinf(smallest), np.nan, smallest)
+
+
 def best_adversarials(datasets: Mapping[str, xr.Dataset]) -> tuple[np.ndarray, np.ndarray]:
     """Per sample, the verified adversarial of smallest norm over ``datasets`` (NaN rows where
     none) and that norm: the starting points of a refining attack."""
@@ -495,9 +503,7 @@ def best_adversarials(datasets: Mapping[str, xr.Dataset]) -> tuple[np.ndarray, n
             f"a refining attack needs stored adversarials, but {', '.join(lacking)} has none: set attacks.store_adversarials: true"
         )
     stacked = xr.concat([ds["perturbation_norm"] for ds in datasets.values()], dim="attack").values
-    finite = np.isfinite(stacked)
-    best = np.where(finite, stacked, np.inf).argmin(axis=0)
-    norms = np.where(finite.any(axis=0), stacked[best, np.arange(stacked.shape[1])], np.nan)
+    best, norms = smallest_verified(stacked, axis=0)
     starts = np.full(next(iter(datasets.values()))["adversarial"].shape, np.nan, dtype=np.float32)
     for k, ds in enumerate(datasets.values()):
         rows = np.flatnonzero((best == k) & np.isfinite(norms))
@@ -604,10 +610,8 @@ def combine_attacks(datasets: Mapping[str, xr.Dataset]) -> xr.Dataset:
         join="exact",
     )
     values = norms.transpose("sample", "attack").values
-    finite = np.isfinite(values)
-    found = finite.any(axis=1)
-    best = np.where(finite, values, np.inf).argmin(axis=1)
-    robustness = np.where(found, values[np.arange(len(values)), best], np.nan)
+    best, robustness = smallest_verified(values, axis=1)
+    found = np.isfinite(robustness)
     best_name = np.where(found, np.asarray(names, dtype=object)[best], NO_ATTACK).astype(object)
     predictions = [datasets[name]["clean_prediction"].values for name in names if "clean_prediction" in datasets[name]]
     if any((p != predictions[0]).any() for p in predictions[1:]):

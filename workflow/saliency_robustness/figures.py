@@ -86,9 +86,9 @@ def alignment_vs_robustness(summary: xr.Dataset, **_: Any) -> plt.Figure:
 def linearized_vs_robustness(summary: xr.Dataset, **_: Any) -> plt.Figure:
     table = _with_labels(model_table(summary))
     fig, ax = plt.subplots(figsize=(6, 5), layout="constrained")
-    _median_plot(ax, table, "robustness", "linearized_robustness")
     hi = np.nanmax(table[["robustness_q75", "linearized_robustness_q75"]].to_numpy())
-    ax.plot([0, hi], [0, hi], ls="--", color="0.4", lw=1, label="identity")
+    ax.plot([0, hi], [0, hi], ls="--", color="0.4", lw=1, label="identity ρ̃ = ρ")  # before the legend is made
+    _median_plot(ax, table, "robustness", "linearized_robustness")
     ax.set_title("Linearized robustness against robustness")
     return fig
 

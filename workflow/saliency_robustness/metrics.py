@@ -346,7 +346,7 @@ def with_robustness(ds: xr.Dataset, attack_stores: Mapping[str, str | Path]) -> 
     """Merge in the attack ensemble's ``robustness`` (SPEC §4)."""
     from saliency_robustness.attacks import combine_attacks
 
-    attacks = {name: open_store(path) for name, path in attack_stores.items()}
+    attacks = {name: open_store(path, ["perturbation_norm"]) for name, path in attack_stores.items()}
     robustness = combine_attacks(attacks)
     try:
         return xr.merge([ds, robustness], join="exact", combine_attrs="override", compat="override")

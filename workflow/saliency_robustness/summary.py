@@ -18,6 +18,7 @@ import pandas as pd
 import xarray as xr
 from scipy.stats import spearmanr
 
+from saliency_robustness.errors import StoreError, one_line
 from saliency_robustness.models import ModelSpec, load_spec
 from saliency_robustness.stores import open_store, provenance, write_store
 
@@ -98,6 +99,15 @@ def table_dataset(table: pd.DataFrame) -> xr.Dataset:
     return ds.rename({n: f"stat_{n}" for n in ds.data_vars})
 
 
+def read_test_accuracy(model_dir: str | Path) -> float:
+    """The clean test accuracy the train stage wrote to ``models/<model>/test_accuracy.json``."""
+    path = Path(model_dir) / "test_accuracy.json"
+    try:
+        return float(json.loads(path.read_text())["test_accuracy"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StoreError(f"cannot read the test accuracy {path} ({one_line(exc)}); delete {model_dir} and rerun") from None
+
+
 def summary_stage(
     *,
     models: Sequence[str],
@@ -110,7 +120,7 @@ def summary_stage(
     statistics prefixed ``stat_``) and ``summary.csv`` (one row per model)."""
     metrics = {m: open_store(p).load() for m, p in zip(models, metrics_stores)}
     specs = {m: load_spec(d) for m, d in zip(models, model_dirs)}
-    accuracy = {m: json.loads((Path(d) / "test_accuracy.json").read_text())["test_accuracy"] for m, d in zip(models, model_dirs)}
+    accuracy = {m: read_test_accuracy(d) for m, d in zip(models, model_dirs)}
     stacked = stack_models(metrics, specs, accuracy)
     table = model_table(stacked)
     summary = xr.merge([stacked, table_dataset(table)], combine_attrs="override")
