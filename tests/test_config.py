@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
-from saliency_robustness.config import model_grid, model_name, validate_config
+from saliency_robustness.config import MODEL_NAME_PATTERN, GridPoint, model_grid, model_name, validate_config
 from saliency_robustness.errors import ConfigError
 
 from conftest import REPO
@@ -51,8 +53,29 @@ def test_bad_config_is_rejected_in_one_line_naming_the_key(config: dict, message
 
 
 def test_model_names_are_readable_and_unique() -> None:
-    assert model_name(0.1) == "gradnorm-lambda0.1"
-    assert model_name(0.0) == "gradnorm-lambda0"
+    assert model_name(0.1) == "gradnorm-lambda0.1-seed0"
+    assert model_name(0.0, 3) == "gradnorm-lambda0-seed3"
+    assert model_name(-0.0) == model_name(0.0)
+    assert model_name(10.0) == "gradnorm-lambda10-seed0"
+    assert model_name(1.0000001) != model_name(1.0)  # distinct values, distinct names
+    assert re.fullmatch(MODEL_NAME_PATTERN, model_name(1e-5, 12))
     config = validate_config({"experiment": "x", "train": {"lambdas": [0, 1e-3, 0.001]}})
     with pytest.raises(ConfigError, match="appears twice"):
         model_grid(config)
+    config = validate_config({"experiment": "x", "train": {"lambdas": [0.0, -0.0]}})
+    with pytest.raises(ConfigError, match="appears twice"):
+        model_grid(config)
+
+
+def test_seeds_make_the_grid_lambda_by_seed() -> None:
+    config = validate_config({"experiment": "x", "train": {"lambdas": [0, 0.5], "seeds": [0, 4]}})
+    grid = model_grid(config)
+    assert list(grid) == ["gradnorm-lambda0-seed0", "gradnorm-lambda0-seed4", "gradnorm-lambda0.5-seed0", "gradnorm-lambda0.5-seed4"]
+    assert grid["gradnorm-lambda0.5-seed4"] == GridPoint(lam=0.5, seed=4)
+    # a single-seed config keeps working: seed is short for seeds: [seed]
+    assert list(model_grid(validate_config({"experiment": "x", "train": {"lambdas": [0.1], "seed": 2}}))) == ["gradnorm-lambda0.1-seed2"]
+    with pytest.raises(ConfigError, match="appears twice"):
+        model_grid(validate_config({"experiment": "x", "train": {"seeds": [1, 1]}}))
+    with pytest.raises(ConfigError, match="both set") as info:
+        validate_config({"experiment": "x", "train": {"seed": 1, "seeds": [1, 2]}})
+    assert "\n" not in str(info.value)

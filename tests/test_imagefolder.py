@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from saliency_robustness.config import validate_config
+from saliency_robustness.config import model_grid, validate_config
 from saliency_robustness.data import InputSpace, build_eval_dataset, open_split
 from saliency_robustness.errors import ConfigError, DataError
 from saliency_robustness.models import (
@@ -351,7 +351,7 @@ def test_whole_workflow_runs_on_a_synthetic_folder(folder_root: Path, tmp_path: 
     out = tmp_path / "results" / "imagefolder-test"
     eval_store = xr.open_zarr(out / "data" / "eval.zarr")
     assert eval_store["images"].shape == (12, 3, 32, 32) and eval_store.attrs["class_names"] == CLASSES
-    models = [f"gradnorm-lambda{lam:g}" for lam in imagefolder_config()["train"]["lambdas"]]
+    models = list(model_grid(validate_config(imagefolder_config())))
     for model in models:
         if targets and not (out / "metrics" / f"{model}.zarr").exists():
             continue  # a partial run

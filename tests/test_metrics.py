@@ -61,6 +61,11 @@ def test_binary_linear_model_with_bias_separates_alignment_from_linearized_robus
     # Psi† = 2 |<x, z> + b|, g† = 2 s z with s = sign(<x, z> + b): beta† = 2 s b
     np.testing.assert_allclose(ds["bias_part"].values, 2 * np.sign(xz + b) * b, rtol=1e-5)
     np.testing.assert_allclose(ds["bias_sum"].values, 2 * np.sign(xz + b) * b, rtol=1e-6)
+    # signed terms of rho~ = (<x, g†> + beta†) / ||g†||, ||g†|| = 2 ||z||: signs kept, not absolute values
+    s = np.sign(xz + b)
+    np.testing.assert_allclose(ds["homogeneous_term"].values, s * xz / z_norm, rtol=1e-5)
+    np.testing.assert_allclose(ds["bias_term_signed"].values, s * b / z_norm, rtol=1e-5)
+    assert (ds["bias_term_signed"].values < 0).any() and (ds["bias_term_signed"].values > 0).any()
 
 
 @pytest.mark.parametrize("class_chunk", [3, 10, 100])
@@ -234,6 +239,13 @@ def test_linearized_robustness_is_binarized_logit_over_its_gradient_norm(trained
     homogeneous = (x.detach().flatten(1).double() * g_dagger.flatten(1).double()).sum(1).numpy()
     np.testing.assert_allclose(ds["homogeneous_part"].values, homogeneous, rtol=1e-5)
     np.testing.assert_allclose(ds["homogeneity"].values, homogeneous / ds["logit_margin"].values, rtol=1e-5)
+
+
+def test_linearized_robustness_is_homogeneous_term_plus_signed_bias_term(trained_metrics) -> None:  # noqa: ANN001
+    ds, _, _ = trained_metrics
+    terms = ds["homogeneous_term"].values + ds["bias_term_signed"].values
+    np.testing.assert_allclose(terms, ds["linearized_robustness"].values, rtol=1e-5)
+    np.testing.assert_allclose(np.abs(ds["bias_term_signed"].values), ds["bound_bias_term"].values, rtol=1e-12)
 
 
 def test_alignment_cosine_is_alignment_over_image_norm(trained_metrics) -> None:  # noqa: ANN001

@@ -14,12 +14,24 @@ from scipy.stats import spearmanr
 from saliency_robustness.data import MNIST_INPUT_SPACE, eval_dataset
 from saliency_robustness.errors import StoreError
 from saliency_robustness.figures import FIGURES, figure_stage
-from saliency_robustness.models import ModelSpec
+from saliency_robustness.models import ModelSpec, degenerate_reason
 from saliency_robustness.stores import write_store
-from saliency_robustness.summary import read_test_accuracy, summary_stage
+from saliency_robustness.summary import (
+    SUBSETS,
+    SUMMARISED,
+    BootstrapOptions,
+    hierarchical_bootstrap,
+    median_ci,
+    read_test_accuracy,
+    summarise,
+    summary_stage,
+)
 
 LAMBDAS = [0.0, 0.01, 0.1]
+SEEDS = [0, 1]
 N = 30
+OPTIONS = BootstrapOptions(n_resamples=500, seed=0)
+DEGENERATE = "gradnorm-lambda0.1-seed1"  # near-chance test accuracy
 
 
 def fake_metrics(lam: float, seed: int) -> xr.Dataset:
@@ -27,17 +39,21 @@ def fake_metrics(lam: float, seed: int) -> xr.Dataset:
     robustness = rng.gamma(2.0, 0.5 + 5 * lam, N)
     robustness[:2] = np.nan  # two attack failures
     alignment = 0.5 * np.nan_to_num(robustness) + rng.normal(0, 0.05, N)
-    angle, bias = rng.uniform(0, 1, N), rng.uniform(0, 0.3, N)
+    angle, bias = rng.uniform(0, 1, N), rng.uniform(-0.3, 0.3, N)
+    homogeneous = robustness * 1.1 - bias
     per_image = {
         "alignment": alignment,
         "alignment_cosine": alignment / 9.0,
         "linearized_robustness": robustness * 1.1,
         "homogeneity": rng.uniform(0.2, 1.0, N),
+        "homogeneous_term": homogeneous,
+        "bias_term_signed": bias,
         "bound_angle_term": angle,
-        "bound_bias_term": bias,
-        "bound_rhs": alignment + angle + bias,
+        "bound_bias_term": np.abs(bias),
+        "bound_rhs": alignment + angle + np.abs(bias),
         "robustness": robustness,
-        "correct": rng.uniform(size=N) < 0.9,
+        "prediction": rng.integers(0, 10, N),
+        "correct": rng.uniform(size=N) < 0.8,
     }
     return xr.Dataset(
         {k: ("sample", v, {"long_name": k, "units": "1"}) for k, v in per_image.items()},
@@ -46,63 +62,169 @@ def fake_metrics(lam: float, seed: int) -> xr.Dataset:
     )
 
 
+def name(lam: float, seed: int) -> str:
+    return f"gradnorm-lambda{lam:g}-seed{seed}"
+
+
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):  # noqa: ANN001, ANN201
     root = tmp_path_factory.mktemp("exp")
     models, metrics_paths, model_dirs = [], [], []
-    for i, lam in enumerate(LAMBDAS):
-        name = f"gradnorm-lambda{lam:g}"
-        models.append(name)
-        write_store(fake_metrics(lam, i), root / "metrics" / f"{name}.zarr")
-        d = root / "models" / name
+    for i, (lam, seed) in enumerate((lam, seed) for lam in LAMBDAS for seed in SEEDS):
+        model = name(lam, seed)
+        models.append(model)
+        write_store(fake_metrics(lam, i), root / "metrics" / f"{model}.zarr")
+        d = root / "models" / model
         d.mkdir(parents=True)
-        (d / "spec.json").write_text(ModelSpec(name=name, architecture="mnist_cnn", lam=lam).to_json())
-        (d / "test_accuracy.json").write_text(json.dumps({"test_accuracy": 0.99 - lam}))
-        metrics_paths.append(root / "metrics" / f"{name}.zarr")
+        spec = ModelSpec(name=model, architecture="mnist_cnn", lam=lam, seed=seed, training={"seed": seed, "epochs": 1})
+        (d / "spec.json").write_text(spec.to_json())
+        accuracy = 0.1 if model == DEGENERATE else 0.99 - lam
+        (d / "test_accuracy.json").write_text(json.dumps({"test_accuracy": accuracy}))
+        metrics_paths.append(root / "metrics" / f"{model}.zarr")
         model_dirs.append(d)
         saliency = xr.Dataset({"saliency": (("sample", "channel", "y", "x"), np.random.default_rng(i).normal(size=(N, 1, 8, 8)))})
-        write_store(saliency, root / "saliency" / f"{name}.zarr")
+        write_store(saliency, root / "saliency" / f"{model}.zarr")
     # listed in an order other than lambda's, to check the stacking sorts
-    order = [2, 0, 1]
+    order = [5, 2, 0, 3, 1, 4]
+    outputs = {key: root / f"{key}.csv" for key in ("summary", "summary_grid", "summary_trends")}
     summary_stage(
         models=[models[i] for i in order],
         metrics_stores=[metrics_paths[i] for i in order],
         model_dirs=[model_dirs[i] for i in order],
         output_zarr=root / "summary.zarr",
-        output_csv=root / "summary.csv",
+        output_csv=outputs["summary"],
+        output_grid_csv=outputs["summary_grid"],
+        output_trends_csv=outputs["summary_trends"],
+        options=OPTIONS,
     )
     images = torch.rand(N, 1, 8, 8)
     write_store(eval_dataset(images, torch.arange(N) % 10, np.arange(N), MNIST_INPUT_SPACE), root / "eval.zarr")
     return root, models
 
 
-def test_summary_stacks_models_by_lambda_with_options_as_coordinates(experiment) -> None:  # noqa: ANN001
+def subset_values(lam: float, i: int, var: str, subset: str) -> np.ndarray:
+    """A fake model's values of ``var`` on the images a subset's statistics use."""
+    m = fake_metrics(lam, i)
+    keep = np.all([np.isfinite(m[v].values) for v in SUMMARISED], axis=0)
+    if subset == "correct":
+        keep &= m["correct"].values
+    return m[var].values[keep]
+
+
+# --- bootstrap intervals with known answers ---
+
+
+def test_median_ci_of_a_constant_sample_is_that_constant() -> None:
+    assert median_ci(np.full(25, 3.5), OPTIONS) == (3.5, 3.5)
+
+
+def test_median_ci_is_the_order_statistics_the_binomial_law_gives() -> None:
+    """For x = 0..10 the bootstrap median is x_(k) with P(median* <= x_(k)) = P(Bin(11, k/11) >= 6):
+    0.0072 at x_(2) and 0.0512 at x_(3), 0.9488 at x_(8) and 0.9928 at x_(9). The percentile
+    95 % CI is therefore [x_(3), x_(9)] = [2, 8]."""
+    low, high = median_ci(np.arange(11.0), BootstrapOptions(n_resamples=20000, seed=1))
+    assert (low, high) == (2.0, 8.0)
+
+
+def test_median_ci_is_reproducible_and_brackets_the_median() -> None:
+    x = np.random.default_rng(3).normal(size=200)
+    assert median_ci(x, OPTIONS) == median_ci(x, OPTIONS)
+    low, high = median_ci(x, OPTIONS)
+    assert low < np.median(x) < high
+
+
+def test_hierarchical_bootstrap_without_spread_gives_a_point_interval() -> None:
+    seeds = [np.full((1, 10), 2.0), np.full((1, 12), 2.0)]
+    estimate, low, high = hierarchical_bootstrap([seeds], lambda g: np.array([np.mean([np.median(v) for v in g[0]])]), OPTIONS)
+    assert estimate[0] == low[0] == high[0] == 2.0
+
+
+def test_hierarchical_bootstrap_of_two_seeds_spans_their_medians() -> None:
+    """With the images of each seed constant, only the seeds are resampled: the mean of two
+    seeds' medians takes the values a, (a+b)/2 and b with probabilities 1/4, 1/2, 1/4."""
+    seeds = [np.full((1, 10), 1.0), np.full((1, 10), 3.0)]
+    estimate, low, high = hierarchical_bootstrap([seeds], lambda g: np.array([np.mean([np.median(v) for v in g[0]])]), OPTIONS)
+    assert (estimate[0], low[0], high[0]) == (2.0, 1.0, 3.0)
+
+
+# --- the summary stage ---
+
+
+def test_summary_stacks_models_by_lambda_and_seed_with_options_as_coordinates(experiment) -> None:  # noqa: ANN001
     root, models = experiment
     summary = xr.open_zarr(root / "summary.zarr")
     assert list(summary["model"].values) == models
-    assert list(summary["lam"].values) == LAMBDAS
+    assert list(summary["lam"].values) == [lam for lam in LAMBDAS for _ in SEEDS]
+    assert list(summary["seed"].values) == SEEDS * len(LAMBDAS)
+    assert list(summary["setting"].values) == [f"gradnorm-lambda{lam:g}" for lam in LAMBDAS for _ in SEEDS]
     assert summary["alignment"].dims == ("model", "sample")
     assert summary["alignment"].attrs["units"] == "1"
-    assert set(summary["sensitivity"].values) == {"loss"}
-    np.testing.assert_allclose(summary["alignment"].sel(model=models[1]), fake_metrics(0.01, 1)["alignment"])
+    np.testing.assert_allclose(summary["alignment"].sel(model=models[1]), fake_metrics(0.0, 1)["alignment"])
+    assert list(summary["degenerate"].values) == [m == DEGENERATE for m in models]
 
 
-def test_summary_csv_statistics_match_direct_computation(experiment) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_summary_csv_statistics_match_direct_computation(experiment, subset: str) -> None:  # noqa: ANN001
     root, models = experiment
-    table = pd.read_csv(root / "summary.csv").set_index("model")
-    for var in ("alignment", "alignment_cosine", "robustness", "linearized_robustness", "homogeneity"):
-        for stat in ("median", "q25", "q75"):
-            assert f"{var}_{stat}" in table.columns
-    m = fake_metrics(0.1, 2)
-    finite = m["robustness"].values[np.isfinite(m["robustness"].values)]
-    row = table.loc[models[2]]
-    assert row["robustness_median"] == pytest.approx(np.median(finite), rel=1e-5)
-    assert row["robustness_q25"] == pytest.approx(np.quantile(finite, 0.25), rel=1e-5)
-    ok = np.isfinite(m["robustness"].values)
-    rho = spearmanr(m["alignment"].values[ok], m["robustness"].values[ok]).statistic
-    assert row["spearman_alignment_robustness"] == pytest.approx(rho, rel=1e-5)
-    assert row["attack_failures"] == 2 and row["n_images"] == N
-    assert row["lambda"] == 0.1 and row["test_accuracy"] == pytest.approx(0.89)
+    table = pd.read_csv(root / "summary.csv").set_index(["model", "subset"])
+    for column in ("seed", "degenerate", "n_images", "attack_failures", "robustness_median_ci_low", "bias_term_signed_median"):
+        assert column in table.columns
+    i = 4  # lambda 0.1, seed 0
+    row = table.loc[(models[i], subset)]
+    rho = subset_values(0.1, i, "robustness", subset)
+    alpha = subset_values(0.1, i, "alignment", subset)
+    assert row["n_images"] == rho.size == alpha.size  # both axes rest on the same images
+    assert row["robustness_median"] == pytest.approx(np.median(rho), rel=1e-5)
+    assert row["robustness_q25"] == pytest.approx(np.quantile(rho, 0.25), rel=1e-5)
+    assert (row["robustness_median_ci_low"], row["robustness_median_ci_high"]) == pytest.approx(median_ci(rho, OPTIONS), rel=1e-5)
+    assert row["robustness_median_ci_low"] < row["robustness_median"] < row["robustness_median_ci_high"]
+    assert row["spearman_alignment_robustness"] == pytest.approx(spearmanr(alpha, rho).statistic, rel=1e-5)
+    assert row["lambda"] == 0.1 and row["seed"] == 0 and not row["degenerate"]
+    assert row["test_accuracy"] == pytest.approx(0.89)
+    failures = 2 if subset == "all" else int((~np.isfinite(fake_metrics(0.1, i)["robustness"].values) & fake_metrics(0.1, i)["correct"].values).sum())
+    assert row["attack_failures"] == failures
+
+
+def test_grid_statistics_average_the_seeds_and_leave_degenerate_models_out(experiment) -> None:  # noqa: ANN001
+    root, _ = experiment
+    grid = pd.read_csv(root / "summary_grid.csv").set_index(["grid_point", "subset"])
+    row = grid.loc[("gradnorm-lambda0.01", "all")]
+    medians = [np.median(subset_values(0.01, i, "alignment", "all")) for i in (2, 3)]
+    assert row["n_seeds"] == 2
+    assert row["alignment_mean_median"] == pytest.approx(np.mean(medians), rel=1e-5)
+    assert row["alignment_seed_sd"] == pytest.approx(np.std(medians, ddof=1), rel=1e-5)
+    assert row["alignment_mean_median_ci_low"] <= row["alignment_mean_median"] <= row["alignment_mean_median_ci_high"]
+    degenerate_point = grid.loc[("gradnorm-lambda0.1", "all")]
+    assert degenerate_point["n_seeds"] == 1
+    assert degenerate_point["robustness_mean_median"] == pytest.approx(np.median(subset_values(0.1, 4, "robustness", "all")), rel=1e-5)
+
+
+def test_trends_are_spearman_across_healthy_models_with_intervals(experiment) -> None:  # noqa: ANN001
+    root, models = experiment
+    trends = pd.read_csv(root / "summary_trends.csv").set_index(["subset", "trend"])
+    healthy = [(lam, i) for i, (lam, _) in enumerate((lam, s) for lam in LAMBDAS for s in SEEDS) if models[i] != DEGENERATE]
+    rho = [np.median(subset_values(lam, i, "robustness", "all")) for lam, i in healthy]
+    alpha = [np.median(subset_values(lam, i, "alignment", "all")) for lam, i in healthy]
+    row = trends.loc[("all", "median alignment ~ median robustness")]
+    assert row["spearman"] == pytest.approx(spearmanr(alpha, rho).statistic, rel=1e-6)
+    assert row["spearman_ci_low"] <= row["spearman"] <= row["spearman_ci_high"]
+    assert row["n_models"] == len(healthy) and row["excluded_degenerate_models"] == DEGENERATE
+    row = trends.loc[("all", "lambda ~ median robustness")]
+    assert row["spearman"] == pytest.approx(spearmanr([lam for lam, _ in healthy], rho).statistic, rel=1e-6)
+
+
+def test_summary_is_reproducible(experiment, tmp_path) -> None:  # noqa: ANN001
+    root, _ = experiment
+    stacked = xr.open_zarr(root / "summary.zarr").load()
+    again = summarise(stacked[[v for v in stacked.data_vars if not str(v).startswith(("model_", "grid_", "trend_", "attack_failures"))]].drop_dims(["grid_point", "trend", "pair"], errors="ignore"), OPTIONS)
+    for var in ("model_median_ci_low", "grid_mean_median_ci_high", "trend_spearman_ci_low"):
+        np.testing.assert_array_equal(again[var].values, stacked[var].values)
+
+
+def test_degenerate_models_are_named() -> None:
+    assert degenerate_reason(0.98, 0.11, 10) is None
+    assert "one class" in degenerate_reason(0.11, 0.97, 10)
+    assert "near chance" in degenerate_reason(0.15, 0.5, 10)
 
 
 @pytest.mark.parametrize("figure", sorted(FIGURES))

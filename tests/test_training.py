@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -196,3 +197,13 @@ def test_nan_loss_stops_training_and_leaves_no_checkpoint(tmp_path, data_root) -
     with pytest.raises(TrainingDiverged, match="lambda=1e\\+06"):
         run_train_stage(tmp_path, data_root, 1e6, optimizer="sgd", learning_rate=1e6)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_degenerate_model_is_saved_with_a_one_line_warning(tmp_path, data_root, caplog) -> None:  # noqa: ANN001
+    """lr = 100 diverges without a NaN: the model collapses to one class (it is kept, and flagged)."""
+    with caplog.at_level(logging.WARNING, logger="saliency_robustness.training"):
+        out = run_train_stage(tmp_path, data_root, 0.0, optimizer="sgd", learning_rate=100.0)
+    performance = json.loads((out / "test_accuracy.json").read_text())
+    assert performance["majority_class_share"] >= 0.9 or performance["test_accuracy"] <= 0.2
+    warnings = [r.getMessage() for r in caplog.records if "degenerate" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0]

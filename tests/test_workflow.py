@@ -12,6 +12,7 @@ import xarray as xr
 import yaml
 
 from conftest import REPO
+from saliency_robustness.config import model_grid, validate_config
 from saliency_robustness.figures import FIGURES
 
 pytestmark = pytest.mark.workflow
@@ -69,8 +70,7 @@ def results(workdir: Path) -> Path:
 def test_smoke_run_produces_every_store_figure_and_log(smoke_run) -> None:  # noqa: ANN001
     workdir, _, _ = smoke_run
     out = results(workdir)
-    lambdas = SMOKE["train"]["lambdas"]
-    models = [f"gradnorm-lambda{lam:g}" for lam in lambdas]
+    models = list(model_grid(validate_config(SMOKE)))
     for model in models:
         metrics = xr.open_zarr(out / "metrics" / f"{model}.zarr")
         for var in ("alignment", "linearized_robustness", "bound_rhs", "homogeneity", "correct", "robustness"):
@@ -83,8 +83,13 @@ def test_smoke_run_produces_every_store_figure_and_log(smoke_run) -> None:  # no
     summary = xr.open_zarr(out / "summary.zarr")
     assert list(summary["model"].values) == models
     header = (out / "summary.csv").read_text().splitlines()[0].split(",")
-    for column in ("lambda", "test_accuracy", "alignment_median", "robustness_q75", "spearman_alignment_robustness", "attack_failures"):
+    for column in (
+        "lambda", "seed", "subset", "degenerate", "test_accuracy", "alignment_median", "alignment_median_ci_low",
+        "robustness_median_ci_high", "robustness_q75", "spearman_alignment_robustness", "attack_failures", "n_images",
+    ):  # fmt: skip
         assert column in header
+    for table in ("summary_grid.csv", "summary_trends.csv"):
+        assert (out / table).stat().st_size > 0
     for png in (out / "figures").glob("*.png"):
         assert png.with_suffix(".pdf").exists()
     assert {png.stem for png in (out / "figures").glob("*.png")} == set(FIGURES)  # the Snakefile's list is the package's
@@ -93,6 +98,19 @@ def test_smoke_run_produces_every_store_figure_and_log(smoke_run) -> None:  # no
 def test_second_run_has_nothing_to_do(smoke_run) -> None:  # noqa: ANN001
     workdir, configfile, data_root = smoke_run
     assert planned_jobs(snakemake(workdir, configfile, "-n", data_root=data_root)) == {}
+
+
+def test_adding_a_seed_trains_only_the_new_replicates(smoke_run, tmp_path) -> None:  # noqa: ANN001
+    workdir, _, data_root = smoke_run
+    config = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    config["train"]["seeds"] = [config["train"].pop("seed"), 7]
+    changed = tmp_path / "seeds.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    result = snakemake(workdir, changed, "-n", data_root=data_root)
+    jobs = planned_jobs(result)
+    n_lambdas = len(SMOKE["train"]["lambdas"])
+    assert jobs["train"] == n_lambdas and jobs["saliency"] == n_lambdas  # the seed-7 replicates only
+    assert "gradnorm-lambda0-seed7" in result.stdout + result.stderr
 
 
 def test_changing_one_lambda_trains_only_that_model(smoke_run, tmp_path) -> None:  # noqa: ANN001

@@ -23,6 +23,7 @@ import xarray as xr
 import yaml
 
 from conftest import REPO
+from saliency_robustness.config import model_grid, validate_config
 from saliency_robustness.stores import open_store
 from test_workflow import planned_jobs
 
@@ -37,7 +38,7 @@ pytestmark = [
 # the tiny config of the tests; SLURM_TEST_CONFIG runs another one
 SMOKE_CONFIG = Path(os.environ.get("SLURM_TEST_CONFIG") or REPO / "config" / "smoke.yaml")
 SMOKE = yaml.safe_load(SMOKE_CONFIG.read_text())
-MODELS = [f"gradnorm-lambda{lam:g}" for lam in SMOKE["train"]["lambdas"]]
+MODELS = list(model_grid(validate_config(SMOKE)))
 CANCELLED_MODEL = MODELS[-1]
 TEST_PROFILE = ["--profile", str(REPO / "profiles" / "slurm-cpu-test")]
 # the real profile, then the overlay for this CPU-only one-node cluster

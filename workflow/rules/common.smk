@@ -2,6 +2,7 @@
 import sys
 
 from saliency_robustness.config import (
+    MODEL_NAME_PATTERN,
     code_fingerprint,
     export_package_path,
     fingerprint,
@@ -36,11 +37,12 @@ FIGURES = [
     "accuracy_robustness_vs_lambda",
     "alignment_vs_robustness_per_image",
     "bound_decomposition",
+    "decomposition_terms",
 ]
 
 
 wildcard_constraints:
-    model="gradnorm-lambda[0-9.e+-]+",
+    model=MODEL_NAME_PATTERN,
     attack="[A-Za-z0-9_]+",
     figure="|".join(FIGURES),
 
@@ -84,10 +86,14 @@ def model_dir(model):
 def train_settings(wildcards):
     return canonical({
         "name": wildcards.model,
-        "lam": MODELS[wildcards.model],
+        "lam": MODELS[wildcards.model].lam,
         "dataset": dataset_identity(),
         "model": config["model"],
-        "train": {k: v for k, v in config["train"].items() if k != "lambdas"},
+        # the grid point's own seed; the grid's lists are not this model's settings
+        "train": {
+            **{k: v for k, v in config["train"].items() if k not in ("lambdas", "seeds")},
+            "seed": MODELS[wildcards.model].seed,
+        },
     })
 
 

@@ -4,9 +4,12 @@ rule summary:
     output:
         zarr=directory(f"{RESULTS}/summary.zarr"),
         csv=f"{RESULTS}/summary.csv",
+        grid_csv=f"{RESULTS}/summary_grid.csv",
+        trends_csv=f"{RESULTS}/summary_trends.csv",
     params:
         models=list(MODELS),
-        version=stage_version("summary"),
+        options=canonical(config["summary"]),
+        version=stage_version("summary", **config["summary"]),
     log:
         f"{LOGS}/summary.log",
     threads: 1

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,9 @@ def validate_config(config: Mapping[str, Any], schema_path: Path | str = SCHEMA_
         # the most specific error first: deepest path, then schema order
         best = jsonschema.exceptions.best_match(errors)
         raise ConfigError(_message(best))
+    raw_train = config.get("train") or {}
+    if isinstance(raw_train, Mapping) and "seed" in raw_train and "seeds" in raw_train:
+        raise ConfigError("config keys 'train.seed' and 'train.seeds' are both set: keep one (seed is short for seeds: [seed])")
     attacks = checked["attacks"]
     if not attacks["store_adversarials"] and any(a["refine"] for a in attacks["ensemble"].values()):
         raise ConfigError(
@@ -94,19 +98,46 @@ def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None) ->
     return validate_config(raw)
 
 
-def model_name(lam: float) -> str:
-    """Readable wildcard value for the model trained with regularization strength ``lam``."""
-    return f"gradnorm-lambda{lam:g}"
+# what a model name looks like (the Snakemake wildcard constraint is built from it)
+MODEL_NAME_PATTERN = r"gradnorm-lambda[0-9.e+-]+-seed[0-9]+"
 
 
-def model_grid(config: Mapping[str, Any]) -> dict[str, float]:
-    """Model name -> lambda, in the order of the config's grid (duplicates rejected)."""
-    grid: dict[str, float] = {}
-    for lam in config["train"]["lambdas"]:
-        name = model_name(float(lam))
-        if name in grid:
-            raise ConfigError(f"config key 'train.lambdas': {lam} appears twice")
-        grid[name] = float(lam)
+@dataclass(frozen=True)
+class GridPoint:
+    """One model of the training grid: a regularization strength and a replicate seed."""
+
+    lam: float
+    seed: int
+
+
+def format_lambda(lam: float) -> str:
+    """The shortest text that reads back as ``lam`` (``-0.0`` as ``0``; ``10.0`` as ``10``),
+    so that distinct values always get distinct names."""
+    text = repr(float(lam) + 0.0)
+    return text.removesuffix(".0")
+
+
+def model_name(lam: float, seed: int = 0) -> str:
+    """Readable wildcard value for the model trained with strength ``lam`` from ``seed``."""
+    return f"gradnorm-lambda{format_lambda(lam)}-seed{seed}"
+
+
+def train_seeds(train: Mapping[str, Any]) -> list[int]:
+    """The replicate seeds: ``train.seeds``, or ``[train.seed]`` for single-seed configs."""
+    return list(train["seeds"]) if train.get("seeds") is not None else [train["seed"]]
+
+
+def model_grid(config: Mapping[str, Any]) -> dict[str, GridPoint]:
+    """Model name -> (lambda, seed) for every lambda x seed, lambda-major in the config's order."""
+    train = config["train"]
+    grid: dict[str, GridPoint] = {}
+    for key, values in (("lambdas", [float(v) + 0.0 for v in train["lambdas"]]), ("seeds", train_seeds(train))):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ConfigError(f"config key 'train.{key}': {repeated[0]:g} appears twice")
+    for lam in train["lambdas"]:
+        for seed in train_seeds(train):
+            grid[model_name(lam, seed)] = GridPoint(float(lam) + 0.0, int(seed))
     return grid
 
 

@@ -1,11 +1,16 @@
 """The paper's figures, drawn with seaborn from ``summary.zarr`` (and the saliency stores).
 
-Medians and quartiles are computed in pandas over images (``summary.model_table``), never
-read off log axes. Every figure is saved as PNG and PDF.
+Every statistic drawn is read from the summary store (medians with bootstrap CIs per model,
+means over seeds per grid point, Spearman trends across models), never recomputed here.
+Per-model points carry their 95 % CIs; grid points (the same training setting, several
+seeds) are drawn as large diamonds with the CI of the mean over seeds. Degenerate models are
+drawn as crosses and left out of lines and trends. Each figure's footer names the image
+subset, the image counts and the attack failures. Every figure is saved as PNG and PDF.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,7 +26,6 @@ import seaborn as sns  # noqa: E402
 import xarray as xr  # noqa: E402
 
 from saliency_robustness.stores import open_store  # noqa: E402
-from saliency_robustness.summary import model_table  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -32,108 +36,223 @@ LABELS = {
     "alignment_cosine": "alignment |cos∠(x, g)| (unitless)",
     "linearized_robustness": f"linearized robustness ρ̃(x) ({DISTANCE})",
     "homogeneity": "homogeneity ⟨x, g†⟩ / Ψ†(x) (unitless)",
+    "homogeneous_term": f"homogeneous term ⟨x, ḡ†⟩ ({DISTANCE})",
+    "bias_term_signed": f"signed bias term β†/‖g†‖ ({DISTANCE})",
 }
+STATS = ("median", "median_ci_low", "median_ci_high")
+GRID_STATS = ("mean_median", "mean_median_ci_low", "mean_median_ci_high")
 
 
-def lambda_label(lam: float) -> str:
-    return f"λ={lam:g}"
+def display_label(grid_point: str) -> str:
+    """``gradnorm-lambda0.3`` -> ``λ=0.3`` (the grid point, all its training setting but the seed)."""
+    return grid_point.replace("gradnorm-lambda", "λ=")
 
 
-def _palette(table: pd.DataFrame) -> dict[str, Any]:
-    labels = [lambda_label(v) for v in table["lambda"]]
-    return dict(zip(labels, sns.color_palette("viridis", len(labels))))
-
-
-def _with_labels(table: pd.DataFrame) -> pd.DataFrame:
-    table = table.sort_values("lambda").reset_index(drop=True)
-    return table.assign(regularization=[lambda_label(v) for v in table["lambda"]])
-
-
-def _median_plot(ax: plt.Axes, table: pd.DataFrame, x: str, y: str) -> None:
-    """Median of ``y`` against median of ``x``, one point per model, interquartile bars."""
-    palette = _palette(table)
-    for _, row in table.iterrows():
-        ax.errorbar(
-            row[f"{x}_median"],
-            row[f"{y}_median"],
-            xerr=[[row[f"{x}_median"] - row[f"{x}_q25"]], [row[f"{x}_q75"] - row[f"{x}_median"]]],
-            yerr=[[row[f"{y}_median"] - row[f"{y}_q25"]], [row[f"{y}_q75"] - row[f"{y}_median"]]],
-            fmt="none",
-            ecolor=palette[row["regularization"]],
-            alpha=0.5,
-            capsize=2,
-        )
-    sns.lineplot(data=table, x=f"{x}_median", y=f"{y}_median", color="0.7", lw=1, ax=ax, sort=False, zorder=0)
-    sns.scatterplot(
-        data=table, x=f"{x}_median", y=f"{y}_median", hue="regularization", palette=palette, s=70, ax=ax, zorder=3
+def model_frame(summary: xr.Dataset, subset: str) -> pd.DataFrame:
+    """One row per model: its grid point, lambda, seed, flags, accuracy and the stored
+    median with CI of every summarised quantity on ``subset``."""
+    frame = pd.DataFrame(
+        {
+            "model": [str(v) for v in summary["model"].values],
+            "grid_point": [str(v) for v in summary["setting"].values],
+            "lam": summary["lam"].values,
+            "seed": summary["seed"].values,
+            "degenerate": summary["degenerate"].values.astype(bool),
+            "test_accuracy": summary["test_accuracy"].values,
+        }
     )
+    for q in summary["quantity"].values:
+        for stat in STATS:
+            frame[f"{q}_{stat}"] = summary[f"model_{stat}"].sel(subset=subset, quantity=q).values
+    frame["label"] = frame["grid_point"].map(display_label)
+    return frame
+
+
+def grid_frame(summary: xr.Dataset, subset: str) -> pd.DataFrame:
+    """One row per grid point, by lambda: the stored mean over seeds of each median, with CI."""
+    frame = pd.DataFrame(
+        {
+            "grid_point": [str(v) for v in summary["grid_point"].values],
+            "lam": summary["grid_lam"].values,
+            "n_seeds": summary["grid_n_seeds"].values,
+        }
+    )
+    for q in summary["quantity"].values:
+        for stat in GRID_STATS:
+            frame[f"{q}_{stat}"] = summary[f"grid_{stat}"].sel(subset=subset, quantity=q).values
+    frame["label"] = frame["grid_point"].map(display_label)
+    return frame.sort_values("lam", kind="stable").reset_index(drop=True)
+
+
+def _palette(grid: pd.DataFrame) -> dict[str, Any]:
+    return dict(zip(grid["label"], sns.color_palette("viridis", len(grid))))
+
+
+def trend_text(summary: xr.Dataset, subset: str, trend: str) -> str:
+    """``Spearman 0.82 [0.55, 0.95] (95 % CI, 14 models)`` for a stored across-model trend."""
+    t = summary.sel(subset=subset, trend=trend)
+    value, low, high = (float(t[v]) for v in ("trend_spearman", "trend_spearman_ci_low", "trend_spearman_ci_high"))
+    if not np.isfinite(value):
+        return f"{trend}: too few models for a rank correlation"
+    level = json.loads(summary.attrs.get("config", "{}")).get("confidence_level", 0.95)
+    return f"{trend}: Spearman {value:.2f} [{low:.2f}, {high:.2f}] ({level:.0%} CI, {int(t['trend_n_models'])} models)"
+
+
+def footer(fig: plt.Figure, summary: xr.Dataset, subset: str) -> None:
+    """State what every statistic in the figure rests on: subset, images, failures, exclusions."""
+    n = summary["model_n_images"].sel(subset=subset).values
+    failures = int(summary["attack_failures"].sel(subset=subset).sum())
+    excluded = json.loads(summary.attrs.get("excluded_degenerate_models", "[]"))
+    text = (
+        f"{'all evaluation images' if subset == 'all' else 'correctly classified images'}: {n.min()}–{n.max()} per model "
+        f"(every quantity finite); attack failures (ρ = NaN, left out): {failures} in all. "
+        f"Bars: {_level(summary)} bootstrap CIs."
+    )
+    if excluded:
+        text += f" Degenerate (×, left out of means and trends): {', '.join(excluded)}."
+    fig.text(0.01, -0.01, text, ha="left", va="top", fontsize="x-small", wrap=True)
+
+
+def _level(summary: xr.Dataset) -> str:
+    return f"{json.loads(summary.attrs.get('config', '{}')).get('confidence_level', 0.95):.0%}"
+
+
+def _errorbar(ax: plt.Axes, x: pd.Series, y: pd.Series, xs: str, ys: str, stats: Sequence[str], **style: Any) -> None:
+    """Points at (x[stats[0]], y[stats[0]]) with asymmetric CI bars from the other two stats."""
+    centre, low, high = stats
+    xerr = np.array([x[f"{xs}_{centre}"] - x[f"{xs}_{low}"], x[f"{xs}_{high}"] - x[f"{xs}_{centre}"]]) if xs else None
+    yerr = np.array([y[f"{ys}_{centre}"] - y[f"{ys}_{low}"], y[f"{ys}_{high}"] - y[f"{ys}_{centre}"]])
+    ax.errorbar(
+        x[f"{xs}_{centre}"] if xs else x,
+        y[f"{ys}_{centre}"],
+        xerr=None if xerr is None else np.nan_to_num(xerr.reshape(2, -1)),
+        yerr=np.nan_to_num(yerr.reshape(2, -1)),
+        **style,
+    )
+
+
+def _median_plot(ax: plt.Axes, models: pd.DataFrame, grid: pd.DataFrame, x: str, y: str) -> None:
+    """Median of ``y`` against median of ``x``: one small point per model with its CIs, one
+    diamond per grid point (mean over seeds, CI over seeds and images) joined in lambda order."""
+    palette = _palette(grid)
+    replicated = bool((grid["n_seeds"] > 1).any())
+    for _, row in models.iterrows():
+        color = palette.get(row["label"], "0.5")
+        if row["degenerate"]:
+            ax.plot(row[f"{x}_median"], row[f"{y}_median"], "x", color=color, ms=8, mew=2, zorder=4)
+            continue
+        _errorbar(ax, row, row, x, y, STATS, fmt="o", color=color, ms=4 if replicated else 7, alpha=0.6 if replicated else 1, capsize=2, zorder=3)
+    line = grid if replicated else models[~models["degenerate"]].rename(columns=lambda c: c.replace("_median", "_mean_median") if c.endswith(("_median", "_median_ci_low", "_median_ci_high")) else c)
+    ax.plot(line[f"{x}_mean_median"], line[f"{y}_mean_median"], color="0.6", lw=1, zorder=1)
+    if replicated:
+        for _, row in grid.iterrows():
+            _errorbar(ax, row, row, x, y, GRID_STATS, fmt="D", color=palette[row["label"]], ms=9, mec="k", capsize=3, lw=2, zorder=5)
+    handles = [plt.Line2D([], [], marker="D" if replicated else "o", ls="", color=c, mec="k" if replicated else c, label=l) for l, c in palette.items()]
+    if replicated:
+        handles.append(plt.Line2D([], [], marker="o", ls="", color="0.5", alpha=0.6, ms=4, label="one seed"))
+    if models["degenerate"].any():
+        handles.append(plt.Line2D([], [], marker="x", ls="", color="0.3", mew=2, label="degenerate"))
+    ax.legend(handles=handles, title="grid point (mean over seeds)" if replicated else "model", fontsize="small", title_fontsize="small")
     ax.set_xlabel(f"median {LABELS[x]}")
     ax.set_ylabel(f"median {LABELS[y]}")
-    ax.legend(title="model", fontsize="small", title_fontsize="small")
 
 
-def alignment_vs_robustness(summary: xr.Dataset, **_: Any) -> plt.Figure:
-    table = _with_labels(model_table(summary))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
-    _median_plot(axes[0], table, "robustness", "alignment")
-    axes[0].set_title("Alignment against robustness")
-    _median_plot(axes[1], table, "robustness", "alignment_cosine")
-    axes[1].set_title("Cosine version (alignment / ||x||)")
+def _frames(summary: xr.Dataset, options: Mapping[str, Any]) -> tuple[str, pd.DataFrame, pd.DataFrame]:
+    subset = options.get("subset", "all")
+    return subset, model_frame(summary, subset), grid_frame(summary, subset)
+
+
+def alignment_vs_robustness(summary: xr.Dataset, *, options: Mapping[str, Any], **_: Any) -> plt.Figure:
+    subset, models, grid = _frames(summary, options)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
+    _median_plot(axes[0], models, grid, "robustness", "alignment")
+    axes[0].set_title("Alignment against robustness", fontsize="medium")
+    _median_plot(axes[1], models, grid, "robustness", "alignment_cosine")
+    axes[1].set_title("Cosine version (alignment / ||x||)", fontsize="medium")
     axes[1].get_legend().remove()
+    fig.suptitle(trend_text(summary, subset, "median alignment ~ median robustness"), fontsize="small")
+    footer(fig, summary, subset)
     return fig
 
 
-def linearized_vs_robustness(summary: xr.Dataset, **_: Any) -> plt.Figure:
-    table = _with_labels(model_table(summary))
-    fig, ax = plt.subplots(figsize=(6, 5), layout="constrained")
-    hi = np.nanmax(table[["robustness_q75", "linearized_robustness_q75"]].to_numpy())
-    ax.plot([0, hi], [0, hi], ls="--", color="0.4", lw=1, label="identity ρ̃ = ρ")  # before the legend is made
-    _median_plot(ax, table, "robustness", "linearized_robustness")
-    ax.set_title("Linearized robustness against robustness")
+def linearized_vs_robustness(summary: xr.Dataset, *, options: Mapping[str, Any], **_: Any) -> plt.Figure:
+    subset, models, grid = _frames(summary, options)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5), layout="constrained")
+    hi = np.nanmax(models[["robustness_median_ci_high", "linearized_robustness_median_ci_high"]].to_numpy())
+    lo = np.nanmin(models[["robustness_median_ci_low", "linearized_robustness_median_ci_low"]].to_numpy())
+    ax.plot([lo, hi], [lo, hi], ls="--", color="0.4", lw=1, zorder=0)
+    _median_plot(ax, models, grid, "robustness", "linearized_robustness")
+    ax.legend(handles=[*ax.get_legend().legend_handles, plt.Line2D([], [], ls="--", color="0.4", label="identity ρ̃ = ρ")], fontsize="small")
+    ax.set_title("Linearized robustness against robustness", fontsize="medium")
+    footer(fig, summary, subset)
     return fig
 
 
-def homogeneity_vs_robustness(summary: xr.Dataset, **_: Any) -> plt.Figure:
-    table = _with_labels(model_table(summary))
-    fig, ax = plt.subplots(figsize=(6, 5), layout="constrained")
-    _median_plot(ax, table, "robustness", "homogeneity")
-    ax.set_title("Fraction of the binarized logit that is homogeneous")
+def homogeneity_vs_robustness(summary: xr.Dataset, *, options: Mapping[str, Any], **_: Any) -> plt.Figure:
+    subset, models, grid = _frames(summary, options)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5), layout="constrained")
+    _median_plot(ax, models, grid, "robustness", "homogeneity")
+    ax.set_title("Fraction of the binarized logit that is homogeneous", fontsize="medium")
+    footer(fig, summary, subset)
     return fig
 
 
-def accuracy_robustness_vs_lambda(summary: xr.Dataset, **_: Any) -> plt.Figure:
-    table = _with_labels(model_table(summary))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
-    positive = table["lambda"][table["lambda"] > 0]
+def _symlog_lambda(ax: plt.Axes, lam: pd.Series) -> None:
+    positive = lam[lam > 0]
     linthresh = float(positive.min()) if len(positive) else 1.0
-    sns.lineplot(data=table, x="lambda", y="test_accuracy", marker="o", ax=axes[0])
+    ax.set_xscale("symlog", linthresh=linthresh)
+    ax.set_xlim(-0.2 * linthresh, max(float(lam.max()), linthresh) * 1.5)  # no negative half: lambda >= 0
+    ax.set_xlabel("regularization strength λ (per example; symlog axis)")
+
+
+def _against_lambda(ax: plt.Axes, models: pd.DataFrame, grid: pd.DataFrame, quantity: str) -> None:
+    """Per-seed medians with CIs (small points) and the mean over seeds with its CI (band)."""
+    healthy, degenerate = models[~models["degenerate"]], models[models["degenerate"]]
+    for seed, rows in healthy.groupby("seed"):
+        _errorbar(ax, rows["lam"], rows, "", quantity, STATS, fmt="o", ms=4, alpha=0.6, capsize=2, label=f"seed {seed}")
+    ax.plot(degenerate["lam"], degenerate[f"{quantity}_median"], "x", color="0.2", ms=8, mew=2, label="degenerate" if len(degenerate) else None)
+    ax.plot(grid["lam"], grid[f"{quantity}_mean_median"], color="k", lw=1.5, label="mean over seeds")
+    ax.fill_between(grid["lam"], grid[f"{quantity}_mean_median_ci_low"], grid[f"{quantity}_mean_median_ci_high"], color="k", alpha=0.15, label="its CI")
+    _symlog_lambda(ax, models["lam"])
+    ax.set_ylabel(f"median {LABELS[quantity]}")
+    ax.legend(fontsize="x-small")
+
+
+def accuracy_robustness_vs_lambda(summary: xr.Dataset, *, options: Mapping[str, Any], **_: Any) -> plt.Figure:
+    subset, models, grid = _frames(summary, options)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), layout="constrained")
+    sns.lineplot(data=models, x="lam", y="test_accuracy", hue="seed", marker="o", palette="tab10", ax=axes[0], legend="brief")
     axes[0].set_ylabel("clean test accuracy (fraction)")
-    axes[0].set_title("Accuracy")
-    sns.lineplot(data=table, x="lambda", y="robustness_median", marker="o", ax=axes[1], label="median")
-    axes[1].fill_between(table["lambda"], table["robustness_q25"], table["robustness_q75"], alpha=0.25, label="interquartile")
-    axes[1].legend()
-    axes[1].set_ylabel(f"median {LABELS['robustness']}")
-    axes[1].set_title("Robustness")
-    for ax in axes:
-        ax.set_xscale("symlog", linthresh=linthresh)
-        # no negative half: lambda >= 0
-        ax.set_xlim(-0.2 * linthresh, max(float(table["lambda"].max()), linthresh) * 1.5)
-        ax.set_xlabel("regularization strength λ (per example; symlog axis)")
+    axes[0].set_title("Accuracy", fontsize="medium")
+    _symlog_lambda(axes[0], models["lam"])
+    _against_lambda(axes[1], models, grid, "robustness")
+    axes[1].set_title("Robustness", fontsize="medium")
+    _against_lambda(axes[2], models, grid, "alignment")
+    axes[2].set_title("Alignment", fontsize="medium")
+    fig.suptitle(
+        trend_text(summary, subset, "lambda ~ median robustness") + "\n" + trend_text(summary, subset, "lambda ~ median alignment"),
+        fontsize="small",
+    )
+    footer(fig, summary, subset)
     return fig
 
 
-def alignment_vs_robustness_per_image(summary: xr.Dataset, **_: Any) -> plt.Figure:
-    frame = summary[["alignment", "robustness", "lam"]].to_dataframe().reset_index()
-    frame = frame.assign(regularization=[lambda_label(v) for v in frame["lam"]]).sort_values(["lam", "sample"])
-    order = list(dict.fromkeys(frame["regularization"]))
+def alignment_vs_robustness_per_image(summary: xr.Dataset, *, options: Mapping[str, Any], **_: Any) -> plt.Figure:
+    subset = options.get("subset", "all")
+    frame = summary[["alignment", "robustness", "lam", "seed", "setting"]].where(summary["in_subset"].sel(subset=subset))
+    frame = frame.to_dataframe().reset_index().dropna(subset=["alignment", "robustness"])
+    frame = frame.assign(grid_point=frame["setting"].astype(str).map(display_label)).sort_values(["lam", "seed", "sample"])
+    order = list(dict.fromkeys(frame["grid_point"]))
     grid = sns.relplot(
         data=frame,
         x="robustness",
         y="alignment",
-        col="regularization",
+        col="grid_point",
         col_order=order,
         col_wrap=min(4, len(order)),
-        s=10,
+        hue="seed",
+        palette="tab10",
+        s=8,
         alpha=0.5,
         height=2.6,
         facet_kws={"sharex": True, "sharey": True},
@@ -149,24 +268,56 @@ def alignment_vs_robustness_per_image(summary: xr.Dataset, **_: Any) -> plt.Figu
     grid.figure.supylabel(LABELS["alignment"])
     grid.figure.suptitle("Per-image alignment against robustness (dashed: α = ρ)")
     grid.figure.tight_layout()
+    footer(grid.figure, summary, subset)
     return grid.figure
 
 
-def bound_decomposition(summary: xr.Dataset, **_: Any) -> plt.Figure:
+def bound_decomposition(summary: xr.Dataset, *, options: Mapping[str, Any], **_: Any) -> plt.Figure:
+    subset, _, grid = _frames(summary, options)
     terms = {"alignment": "alignment α", "bound_angle_term": "angle term ||x||·||ḡ† − ḡ||", "bound_bias_term": "bias term |β†|/||g†||"}
-    frame = summary[[*terms, "linearized_robustness", "lam"]].to_dataframe().reset_index()
-    medians = frame.groupby("lam")[[*terms, "linearized_robustness"]].median().sort_index()
-    labels = [lambda_label(v) for v in medians.index]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4.8), layout="constrained")
-    bottom = np.zeros(len(medians))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(grid)), 5), layout="constrained")
+    bottom = np.zeros(len(grid))
     for color, (column, name) in zip(sns.color_palette("deep"), terms.items()):
-        ax.bar(labels, medians[column], bottom=bottom, color=color, label=f"median {name}")
-        bottom += medians[column].to_numpy()
-    ax.plot(labels, medians["linearized_robustness"], "k_", markersize=28, mew=2.5, label="median linearized robustness ρ̃")
-    ax.set_ylabel(f"{DISTANCE} distance")
-    ax.set_xlabel("model")
-    ax.set_title("The bound ρ̃ ≤ α + angle term + bias term, per model (medians)")
+        values = grid[f"{column}_mean_median"].to_numpy()
+        ax.bar(grid["label"], values, bottom=bottom, color=color, label=f"median {name}")
+        bottom += values
+    rho = grid["linearized_robustness_mean_median"]
+    ax.errorbar(
+        grid["label"],
+        rho,
+        yerr=np.nan_to_num([rho - grid["linearized_robustness_mean_median_ci_low"], grid["linearized_robustness_mean_median_ci_high"] - rho]),
+        fmt="k_",
+        markersize=28,
+        mew=2.5,
+        capsize=4,
+        label="median linearized robustness ρ̃ (CI)",
+    )
+    ax.set_ylabel(f"{DISTANCE} distance (mean over seeds of per-model medians)")
+    ax.set_xlabel("grid point")
+    ax.set_title("The bound ρ̃ ≤ α + angle term + bias term, per grid point", fontsize="medium")
     ax.legend(fontsize="small")
+    footer(fig, summary, subset)
+    return fig
+
+
+def decomposition_terms(summary: xr.Dataset, *, options: Mapping[str, Any], **_: Any) -> plt.Figure:
+    """ρ̃ = ⟨x, ḡ†⟩ + β†/‖g†‖ per image: how the homogeneous and the signed bias term move with λ."""
+    subset, _, grid = _frames(summary, options)
+    fig, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
+    shown = {
+        "linearized_robustness": ("k", "linearized robustness ρ̃"),
+        "homogeneous_term": ("tab:blue", "homogeneous term ⟨x, ḡ†⟩"),
+        "bias_term_signed": ("tab:orange", "signed bias term β†/‖g†‖"),
+    }
+    for quantity, (color, name) in shown.items():
+        ax.plot(grid["lam"], grid[f"{quantity}_mean_median"], "o-", color=color, label=f"median {name}")
+        ax.fill_between(grid["lam"], grid[f"{quantity}_mean_median_ci_low"], grid[f"{quantity}_mean_median_ci_high"], color=color, alpha=0.2)
+    ax.axhline(0, color="0.5", lw=0.8)
+    _symlog_lambda(ax, grid["lam"])
+    ax.set_ylabel(f"{DISTANCE} distance (mean over seeds of per-model medians)")
+    ax.set_title("ρ̃ = homogeneous term + signed bias term (per image)", fontsize="medium")
+    ax.legend(fontsize="small")
+    footer(fig, summary, subset)
     return fig
 
 
@@ -190,7 +341,8 @@ def _show_image(ax: plt.Axes, image: np.ndarray) -> None:
 def saliency_gallery(
     summary: xr.Dataset, *, eval_ds: xr.Dataset, saliency: Mapping[str, xr.Dataset], options: Mapping[str, Any], **_: Any
 ) -> plt.Figure:
-    """Test images on top; below, one row per model (ordered by lambda) of its saliency maps.
+    """Test images on top; below, one row per grid point (ordered by lambda) of the saliency
+    maps of one of its models (the first seed that is not degenerate).
 
     Each map is scaled to its own largest magnitude (robust models have smaller gradients)
     with a diverging colormap symmetric around 0. RGB maps get a signed row (sum over
@@ -199,8 +351,11 @@ def saliency_gallery(
     samples = _gallery_samples(eval_ds["label"].values, options["gallery_samples"])
     offset = np.asarray(eval_ds.attrs["pixel_offset"], dtype=np.float32).reshape(-1, 1, 1)
     pixels = eval_ds["images"].isel(sample=samples).values + offset
-    models = [str(m) for m in summary["model"].values]  # ordered by lambda
-    lam = dict(zip(models, summary["lam"].values))
+    # one model per grid point (its first non-degenerate seed), ordered by lambda
+    frame = model_frame(summary, "all").sort_values(["lam", "degenerate", "seed"], kind="stable")
+    shown = frame.drop_duplicates("grid_point")
+    models = list(shown["model"])
+    lam = {m: f"{label} (seed {seed})" for m, label, seed in zip(shown["model"], shown["label"], shown["seed"])}
     rgb = pixels.shape[1] > 1
     rows = [("image", None)]
     for m in models:
@@ -225,13 +380,13 @@ def saliency_gallery(
                 shown = np.linalg.norm(g, axis=0)
                 im = axes[row, col].imshow(shown, cmap="magma", vmin=0, vmax=float(shown.max()) or 1.0)
         suffix = "" if not rgb else f"\n{kind}"
-        axes[row, 0].set_ylabel(f"{lambda_label(lam[model])}{suffix}", fontsize="small")
+        axes[row, 0].set_ylabel(f"{lam[model]}{suffix}", fontsize="small")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0, 0].set_ylabel("image", fontsize="small")
     fig.colorbar(im, ax=axes[1:, -1], shrink=0.6, label="saliency / max |saliency| (per map)", ticks=[])
-    fig.suptitle(r"Saliency maps $\nabla\Psi^{F(x)}(x)$, one row per model by λ")
+    fig.suptitle(r"Saliency maps $\nabla\Psi^{F(x)}(x)$, one row per grid point by λ")
     return fig
 
 
@@ -243,6 +398,7 @@ FIGURES: dict[str, Callable[..., plt.Figure]] = {
     "accuracy_robustness_vs_lambda": accuracy_robustness_vs_lambda,
     "alignment_vs_robustness_per_image": alignment_vs_robustness_per_image,
     "bound_decomposition": bound_decomposition,
+    "decomposition_terms": decomposition_terms,
 }
 
 

@@ -104,6 +104,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "bound_angle_term": ("angle term of the bound ||x|| ||g†/||g†|| - g/||g||||", DISTANCE),
     "bound_bias_term": ("bias term of the bound |beta†| / ||g†||", DISTANCE),
     "bound_rhs": ("bound on the linearized robustness: alignment + angle term + bias term", DISTANCE),
+    "homogeneous_term": ("homogeneous term <x, g†> / ||g†|| of the linearized robustness", DISTANCE),
+    "bias_term_signed": ("signed bias term beta† / ||g†|| (linearized robustness = homogeneous term + this)", DISTANCE),
 }
 
 
@@ -234,6 +236,7 @@ def _batch_metrics(model: nn.Module, x: torch.Tensor, probes: BiasProbes, class_
     bias_part = psi_dag - homogeneous_part
     bound_angle_term = x_norm * _norm(g_dag / g_dag_norm[:, None] - g / g_norm[:, None])
     bound_bias_term = bias_part.abs() / g_dag_norm
+    homogeneous_term = homogeneous_part / g_dag_norm
     return {
         "prediction": prediction,
         "runner_up": runner_up,
@@ -248,6 +251,8 @@ def _batch_metrics(model: nn.Module, x: torch.Tensor, probes: BiasProbes, class_
         "bound_angle_term": bound_angle_term,
         "bound_bias_term": bound_bias_term,
         "bound_rhs": alignment + bound_angle_term + bound_bias_term,
+        "homogeneous_term": homogeneous_term,
+        "bias_term_signed": bias_part / g_dag_norm,
     }
 
 

@@ -159,6 +159,24 @@ class ModelSpec:
         return cls(**json.loads(text))
 
 
+# a model that puts at least this share of images into one class has collapsed
+DEGENERATE_CLASS_SHARE = 0.9
+# a model whose accuracy is at most this multiple of chance (1 / classes) has not learned
+DEGENERATE_CHANCE_FACTOR = 2.0
+
+
+def degenerate_reason(accuracy: float, majority_class_share: float, num_classes: int) -> str | None:
+    """Why a trained model is degenerate (predicts one class for nearly all images, or is
+    near chance), or None when it is not. Its robustness and alignment say nothing about the
+    regularizer, so the statistics across models leave it out."""
+    chance = 1.0 / num_classes
+    if majority_class_share >= DEGENERATE_CLASS_SHARE:
+        return f"{majority_class_share:.0%} of images predicted as one class"
+    if accuracy <= DEGENERATE_CHANCE_FACTOR * chance:
+        return f"accuracy {accuracy:.3f} is near chance ({chance:.3f})"
+    return None
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """A freshly initialised model of the spec's architecture (seeded by ``spec.seed``)."""
     try:

@@ -1,102 +1,429 @@
-"""All models' per-image metrics stacked along ``model``, and one row of statistics per model.
+"""All models' per-image metrics stacked along ``model``, and statistics with their uncertainty.
 
-Statistics are taken over the evaluation images (correctly classified or not: the distance
-to the decision boundary is defined for every image). Each statistic uses the images where
-its variable is finite, so an image no attack could move counts as an attack failure and is
-left out of the robustness statistics, not treated as distance 0 or infinity.
+Three levels of statistics, each with a percentile-bootstrap confidence interval
+(``scipy.stats.bootstrap``, seeded, so a rerun gives the same numbers):
+
+- per model: the median of each quantity over the evaluation images, with its CI;
+- per grid point (every training setting but the seed): the mean over replicate seeds of the
+  per-model medians, with a CI that resamples seeds and, within each seed's model, images;
+- across models: Spearman correlations of median alignment with median robustness and of
+  lambda with median robustness (and alignment), resampled the same way.
+
+Every statistic is given for two image subsets: ``all`` evaluation images and the
+``correct``-ly classified ones. Within a subset, an image counts only where every summarised
+quantity is finite, so that both axes of any plot rest on the same images; an image that no
+attack could move (``robustness`` NaN) is an attack failure, counted, not a distance of 0 or
+infinity. Degenerate models (one class for nearly all images, or accuracy near chance) are
+flagged, kept per model, and left out of the grid-point and across-model statistics.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import xarray as xr
-from scipy.stats import spearmanr
+from scipy.stats import bootstrap, spearmanr
 
+from saliency_robustness.config import fingerprint
 from saliency_robustness.errors import StoreError, one_line
-from saliency_robustness.models import ModelSpec, load_spec
+from saliency_robustness.models import ModelSpec, degenerate_reason, load_spec
 from saliency_robustness.stores import open_store, provenance, write_store
 
 log = logging.getLogger(__name__)
 
-# the per-image variables whose median and quartiles go into summary.csv
-SUMMARISED = ("alignment", "alignment_cosine", "robustness", "linearized_robustness", "homogeneity")
-# (x, y) pairs whose Spearman rank correlation over images goes into summary.csv
+# per-image quantities whose median (with CI) and quartiles are summarised
+SUMMARISED = (
+    "alignment",
+    "alignment_cosine",
+    "robustness",
+    "linearized_robustness",
+    "homogeneity",
+    "homogeneous_term",
+    "bias_term_signed",
+    "bound_angle_term",
+    "bound_bias_term",
+)
+# (x, y) pairs whose Spearman rank correlation over images is given per model
 CORRELATED = (("alignment", "robustness"), ("linearized_robustness", "robustness"))
+# across-model trends: Spearman of the first against the second, one point per model
+TRENDS = (("alignment", "robustness"), ("lam", "robustness"), ("lam", "alignment"))
+SUBSETS = ("all", "correct")
+DISTANCE = "input-space L2 distance"
 
 
-def stack_models(metrics: Mapping[str, xr.Dataset], specs: Mapping[str, ModelSpec], test_accuracy: Mapping[str, float]) -> xr.Dataset:
-    """Concatenate per-model metrics along a new ``model`` dim with the training options as coordinates."""
-    names = sorted(metrics, key=lambda m: (specs[m].lam, m))
-    stacked = xr.concat([metrics[m].drop_attrs(deep=False) for m in names], dim="model", coords="minimal", compat="override", join="outer")
+@dataclass(frozen=True)
+class BootstrapOptions:
+    """``summary`` section of the config: how the confidence intervals are resampled."""
+
+    n_resamples: int = 2000
+    confidence_level: float = 0.95
+    seed: int = 0
+
+    def rng(self) -> np.random.Generator:
+        # a fresh generator per interval: each CI is reproducible on its own, whatever the order
+        return np.random.default_rng(self.seed)
+
+
+def median_ci(values: np.ndarray, options: BootstrapOptions) -> tuple[float, float]:
+    """Percentile-bootstrap CI of the median of ``values`` (NaN for fewer than 2 values)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return np.nan, np.nan
+    if np.all(values == values[0]):
+        return float(values[0]), float(values[0])
+    result = bootstrap(
+        (values,),
+        np.median,
+        n_resamples=options.n_resamples,
+        confidence_level=options.confidence_level,
+        method="percentile",
+        vectorized=True,
+        rng=options.rng(),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def hierarchical_bootstrap(
+    groups: Sequence[Sequence[np.ndarray]],
+    statistic: Callable[[list[list[np.ndarray]]], np.ndarray],
+    options: BootstrapOptions,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Point estimate and percentile CI of ``statistic`` under two-level resampling.
+
+    ``groups[k][s]`` holds the per-image values (shape ``quantity x image``) of seed ``s`` of
+    grid point ``k``. Each resample draws, within every grid point, its seeds with
+    replacement, and within every model its images with replacement; ``statistic`` gets the
+    resampled ``groups`` and returns a vector. A grid point with one seed keeps it; a model
+    with one image keeps it.
+    """
+    estimate = np.asarray(statistic([list(g) for g in groups]), dtype=np.float64)
+    # one bootstrap "sample" per grid point (seed indices) and per model (image indices)
+    seed_samples = [np.arange(len(g)) for g in groups]
+    image_samples = [np.arange(m.shape[-1]) for g in groups for m in g]
+    resampled = [i for i, s in enumerate(seed_samples) if s.size > 1]
+    resampled_images = [i for i, s in enumerate(image_samples) if s.size > 1]
+    if not resampled and not resampled_images:
+        return estimate, np.full_like(estimate, np.nan), np.full_like(estimate, np.nan)
+    offsets = np.cumsum([0] + [len(g) for g in groups])
+
+    def resampled_statistic(*indices: np.ndarray) -> np.ndarray:
+        seeds = [s for s in seed_samples]
+        images = [s for s in image_samples]
+        for k, i in enumerate(resampled):
+            seeds[i] = indices[k]
+        for k, i in enumerate(resampled_images):
+            images[i] = indices[len(resampled) + k]
+        picked = [
+            [groups[g][s][..., images[offsets[g] + s]] for s in seeds[g]]
+            for g in range(len(groups))
+        ]
+        return np.asarray(statistic(picked), dtype=np.float64)
+
+    result = bootstrap(
+        tuple(seed_samples[i] for i in resampled) + tuple(image_samples[i] for i in resampled_images),
+        resampled_statistic,
+        n_resamples=options.n_resamples,
+        confidence_level=options.confidence_level,
+        method="percentile",
+        vectorized=False,
+        rng=options.rng(),
+    )
+    return estimate, np.asarray(result.confidence_interval.low), np.asarray(result.confidence_interval.high)
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3 or np.all(x[ok] == x[ok][0]) or np.all(y[ok] == y[ok][0]):
+        return np.nan
+    return float(spearmanr(x[ok], y[ok]).statistic)
+
+
+def setting_key(spec: ModelSpec) -> str:
+    """What a model's training was, all but the replicate seed: models with equal keys are
+    replicates of one grid point."""
+    spec_dict = {k: v for k, v in vars(spec).items() if k not in ("name", "seed")}
+    spec_dict["training"] = {k: v for k, v in spec.training.items() if k not in ("seed", "seeds")}
+    return fingerprint(spec_dict)
+
+
+def setting_label(spec: ModelSpec) -> str:
+    """The grid point's name: the model name without its seed (e.g. ``gradnorm-lambda0.3``)."""
+    stem, _, seed = spec.name.rpartition("-seed")
+    return stem if stem and seed.isdigit() else spec.name
+
+
+def stack_models(
+    metrics: Mapping[str, xr.Dataset], specs: Mapping[str, ModelSpec], test_accuracy: Mapping[str, float]
+) -> xr.Dataset:
+    """Concatenate per-model metrics along a new ``model`` dim, ordered by (lambda, seed), with
+    the training options, the grid point and the degenerate flag as per-model variables."""
+    names = sorted(metrics, key=lambda m: (specs[m].lam, specs[m].seed, m))
+    keys = {m: setting_key(specs[m]) for m in names}
+    labels = {m: setting_label(specs[m]) for m in names}
+    clashing = {labels[a] for a in names for b in names if labels[a] == labels[b] and keys[a] != keys[b]}
+    labels = {m: f"{labels[m]} ({keys[m][:6]})" if labels[m] in clashing else labels[m] for m in names}
+    stacked = xr.concat(
+        [metrics[m].drop_attrs(deep=False) for m in names], dim="model", coords="minimal", compat="override", join="outer"
+    )
     stacked = stacked.assign_coords(
         model=("model", names),
         lam=("model", [specs[m].lam for m in names], {"long_name": "regularization strength lambda (per example)", "units": "1"}),
         sensitivity=("model", [specs[m].sensitivity for m in names], {"long_name": "regularized sensitivity"}),
         p=("model", [specs[m].p for m in names], {"long_name": "power of the gradient norm in the penalty", "units": "1"}),
-        seed=("model", [specs[m].seed for m in names], {"long_name": "training seed"}),
-    )
-    stacked["test_accuracy"] = xr.DataArray(
-        [test_accuracy[m] for m in names],
-        dims="model",
-        attrs={"long_name": "clean accuracy on the whole test set", "units": "1"},
+        seed=("model", [specs[m].seed for m in names], {"long_name": "training seed (replicate)"}),
+        setting=("model", [labels[m] for m in names], {"long_name": "grid point: the training setting but the seed"}),
     )
     for name, first in metrics[names[0]].data_vars.items():
         stacked[name].attrs = dict(first.attrs)
+    majority = []
+    for m in names:
+        prediction = np.asarray(metrics[m]["prediction"].values)
+        majority.append(float(np.bincount(prediction).max() / prediction.size) if prediction.size else np.nan)
+    reasons = [degenerate_reason(test_accuracy[m], share, specs[m].num_classes) or "" for m, share in zip(names, majority)]
+    per_model = {
+        "test_accuracy": (list(test_accuracy[m] for m in names), "clean accuracy on the whole test set", "1"),
+        "eval_accuracy": (
+            [float(metrics[m]["correct"].mean()) for m in names],
+            "clean accuracy on the evaluation images",
+            "1",
+        ),
+        "majority_class_share": (majority, "share of evaluation images predicted as the most frequent class", "1"),
+        "degenerate": ([bool(r) for r in reasons], "degenerate model (left out of the across-model statistics)", "1"),
+        "degenerate_reason": (reasons, "why the model counts as degenerate (empty: it does not)", ""),
+    }
+    for name, (values, long_name, units) in per_model.items():
+        stacked[name] = xr.DataArray(values, dims="model", attrs={"long_name": long_name, "units": units} if units else {"long_name": long_name})
     return stacked
 
 
-def _finite(values: np.ndarray) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float64)
-    return values[np.isfinite(values)]
+def subset_mask(stacked: xr.Dataset, subset: str) -> xr.DataArray:
+    """``(model, sample)`` mask of the images a subset's statistics rest on: every summarised
+    quantity finite, and for ``correct`` the prediction right."""
+    mask = xr.ones_like(stacked["alignment"], dtype=bool)
+    for var in SUMMARISED:
+        mask &= np.isfinite(stacked[var])
+    if subset == "correct":
+        mask &= stacked["correct"].astype(bool)
+    elif subset != "all":
+        raise ValueError(f"unknown subset {subset!r} (known: {', '.join(SUBSETS)})")
+    return mask
 
 
-def model_table(stacked: xr.Dataset) -> pd.DataFrame:
-    """One row per model: lambda, accuracy, medians and quartiles, rank correlations, counts."""
+def _values(stacked: xr.Dataset, mask: xr.DataArray, model: str) -> np.ndarray:
+    """``quantity x image`` array of a model's summarised quantities on the subset's images."""
+    keep = mask.sel(model=model).values
+    return np.stack([np.asarray(stacked[v].sel(model=model).values, dtype=np.float64)[keep] for v in SUMMARISED])
+
+
+def model_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
+    """Per model and subset: medians with CIs, quartiles, image counts and rank correlations."""
+    models = [str(m) for m in stacked["model"].values]
+    shape = (len(models), len(SUBSETS), len(SUMMARISED))
+    stats = {name: np.full(shape, np.nan) for name in ("median", "median_ci_low", "median_ci_high", "q25", "q75")}
+    n_images = np.zeros(shape[:2], dtype=np.int64)
+    spearman = np.full((len(models), len(SUBSETS), len(CORRELATED)), np.nan)
+    for j, subset in enumerate(SUBSETS):
+        mask = subset_mask(stacked, subset)
+        for i, model in enumerate(models):
+            values = _values(stacked, mask, model)
+            n_images[i, j] = values.shape[1]
+            if values.shape[1] == 0:
+                continue
+            stats["q25"][i, j], stats["median"][i, j], stats["q75"][i, j] = np.quantile(values, [0.25, 0.5, 0.75], axis=1)
+            for k in range(len(SUMMARISED)):
+                stats["median_ci_low"][i, j, k], stats["median_ci_high"][i, j, k] = median_ci(values[k], options)
+            for k, (x, y) in enumerate(CORRELATED):
+                spearman[i, j, k] = _spearman(values[SUMMARISED.index(x)], values[SUMMARISED.index(y)])
+    level = f"{options.confidence_level:.0%}"
+    dims = ("model", "subset", "quantity")
+    long_names = {
+        "median": "median over the subset's images",
+        "median_ci_low": f"lower end of the {level} bootstrap CI of the median",
+        "median_ci_high": f"upper end of the {level} bootstrap CI of the median",
+        "q25": "first quartile over the subset's images",
+        "q75": "third quartile over the subset's images",
+    }
+    ds = xr.Dataset(
+        {f"model_{name}": (dims, values, {"long_name": long_names[name], "units": "unit of the quantity"}) for name, values in stats.items()},
+        coords={"model": models, "subset": list(SUBSETS), "quantity": list(SUMMARISED), "pair": [f"{x}~{y}" for x, y in CORRELATED]},
+    )
+    ds["model_n_images"] = (("model", "subset"), n_images, {"long_name": "images the subset's statistics rest on", "units": "1"})
+    ds["model_spearman"] = (
+        ("model", "subset", "pair"),
+        spearman,
+        {"long_name": "Spearman rank correlation over the subset's images", "units": "1"},
+    )
+    ds["in_subset"] = xr.concat([subset_mask(stacked, s) for s in SUBSETS], dim="subset").transpose("model", "sample", "subset")
+    ds["in_subset"].attrs = {"long_name": "the image counts in the subset's statistics", "units": "1"}
+    robustness = stacked["robustness"]
+    ds["attack_failures"] = (
+        ("model", "subset"),
+        np.stack([(~np.isfinite(robustness)).sum("sample").values, (~np.isfinite(robustness) & stacked["correct"]).sum("sample").values], axis=1),
+        {"long_name": "images of the subset no attack could move (robustness NaN; left out)", "units": "1"},
+    )
+    return ds
+
+
+def _grid_points(stacked: xr.Dataset, healthy: Sequence[str]) -> dict[str, list[str]]:
+    """Grid-point label -> its non-degenerate models, in model order."""
+    points: dict[str, list[str]] = {}
+    for model, label in zip(stacked["model"].values, stacked["setting"].values):
+        points.setdefault(str(label), [])
+        if str(model) in healthy:
+            points[str(label)].append(str(model))
+    return points
+
+
+def _mean_of_medians(groups: list[list[np.ndarray]]) -> np.ndarray:
+    (seeds,) = groups
+    return np.mean([np.median(v, axis=-1) for v in seeds], axis=0)
+
+
+def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
+    """Per grid point and subset: mean over seeds of the per-model medians, with a CI that
+    resamples seeds and images, and the spread (standard deviation) of the medians over seeds."""
+    healthy = [str(m) for m, bad in zip(stacked["model"].values, stacked["degenerate"].values) if not bad]
+    points = _grid_points(stacked, healthy)
+    lam = {str(label): float(lam) for label, lam in zip(stacked["setting"].values, stacked["lam"].values)}
+    shape = (len(points), len(SUBSETS), len(SUMMARISED))
+    stats = {name: np.full(shape, np.nan) for name in ("mean_median", "mean_median_ci_low", "mean_median_ci_high", "seed_sd")}
+    for j, subset in enumerate(SUBSETS):
+        mask = subset_mask(stacked, subset)
+        for i, models in enumerate(points.values()):
+            seeds = [v for v in (_values(stacked, mask, m) for m in models) if v.shape[1] > 0]
+            if not seeds:
+                continue
+            estimate, low, high = hierarchical_bootstrap([seeds], _mean_of_medians, options)
+            stats["mean_median"][i, j], stats["mean_median_ci_low"][i, j], stats["mean_median_ci_high"][i, j] = estimate, low, high
+            if len(seeds) > 1:
+                stats["seed_sd"][i, j] = np.std([np.median(v, axis=1) for v in seeds], axis=0, ddof=1)
+    level = f"{options.confidence_level:.0%}"
+    long_names = {
+        "mean_median": "mean over replicate seeds of the per-model median",
+        "mean_median_ci_low": f"lower end of the {level} CI (seeds and images resampled)",
+        "mean_median_ci_high": f"upper end of the {level} CI (seeds and images resampled)",
+        "seed_sd": "standard deviation over seeds of the per-model median",
+    }
+    ds = xr.Dataset(
+        {f"grid_{name}": (("grid_point", "subset", "quantity"), v, {"long_name": long_names[name], "units": "unit of the quantity"}) for name, v in stats.items()},
+        coords={"grid_point": list(points), "subset": list(SUBSETS), "quantity": list(SUMMARISED)},
+    )
+    ds = ds.assign_coords(grid_lam=("grid_point", [lam[p] for p in points], {"long_name": "lambda of the grid point", "units": "1"}))
+    ds["grid_n_seeds"] = ("grid_point", [len(m) for m in points.values()], {"long_name": "non-degenerate replicate models", "units": "1"})
+    return ds
+
+
+def _trend_statistic(lams: list[list[float]]) -> Callable[[list[list[np.ndarray]]], np.ndarray]:
+    robustness, alignment = SUMMARISED.index("robustness"), SUMMARISED.index("alignment")
+
+    def statistic(groups: list[list[np.ndarray]]) -> np.ndarray:
+        medians = [(lams[g][0], np.median(v[alignment]), np.median(v[robustness])) for g, seeds in enumerate(groups) for v in seeds]
+        lam, med_alignment, med_robustness = (np.array(c) for c in zip(*medians))
+        columns = {"lam": lam, "alignment": med_alignment, "robustness": med_robustness}
+        return np.array([_spearman(columns[x], columns[y]) for x, y in TRENDS])
+
+    return statistic
+
+
+def trend_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
+    """Across non-degenerate models, per subset: Spearman of median alignment with median
+    robustness and of lambda with median robustness (and alignment), one point per model,
+    with CIs that resample seeds within grid points and images within models."""
+    healthy = [str(m) for m, bad in zip(stacked["model"].values, stacked["degenerate"].values) if not bad]
+    points = {k: v for k, v in _grid_points(stacked, healthy).items() if v}
+    lam = dict(zip(map(str, stacked["model"].values), map(float, stacked["lam"].values)))
+    shape = (len(SUBSETS), len(TRENDS))
+    estimate, low, high = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+    n_models = np.zeros(len(SUBSETS), dtype=np.int64)
+    for j, subset in enumerate(SUBSETS):
+        mask = subset_mask(stacked, subset)
+        groups = [[v for v in (_values(stacked, mask, m) for m in models) if v.shape[1] > 0] for models in points.values()]
+        lams = [[lam[m] for m in models] for models in points.values()]
+        kept = [(g, lam_g) for g, lam_g in zip(groups, lams) if g]
+        n_models[j] = sum(len(g) for g, _ in kept)
+        if n_models[j] < 3:
+            continue
+        groups, lams = [g for g, _ in kept], [l for _, l in kept]
+        estimate[j], low[j], high[j] = hierarchical_bootstrap(groups, _trend_statistic(lams), options)
+    level = f"{options.confidence_level:.0%}"
+    ds = xr.Dataset(
+        {
+            "trend_spearman": (("subset", "trend"), estimate, {"long_name": "Spearman rank correlation across models", "units": "1"}),
+            "trend_spearman_ci_low": (("subset", "trend"), low, {"long_name": f"lower end of its {level} CI", "units": "1"}),
+            "trend_spearman_ci_high": (("subset", "trend"), high, {"long_name": f"upper end of its {level} CI", "units": "1"}),
+            "trend_n_models": ("subset", n_models, {"long_name": "non-degenerate models (points) in the correlation", "units": "1"}),
+        },
+        coords={"subset": list(SUBSETS), "trend": [f"median {x} ~ median {y}".replace("median lam", "lambda") for x, y in TRENDS]},
+    )
+    excluded = [str(m) for m, bad in zip(stacked["model"].values, stacked["degenerate"].values) if bad]
+    ds.attrs["excluded_degenerate_models"] = json.dumps(excluded)
+    return ds
+
+
+def model_table(summary: xr.Dataset) -> pd.DataFrame:
+    """One row per model and subset (``summary.csv``)."""
     rows = []
-    for model in stacked["model"].values:
-        ds = stacked.sel(model=model)
-        row: dict[str, object] = {
-            "model": str(model),
-            "lambda": float(ds["lam"]),
-            "sensitivity": str(ds["sensitivity"].values),
-            "p": float(ds["p"]),
-            "test_accuracy": float(ds["test_accuracy"]),
-            "eval_accuracy": float(ds["correct"].mean()) if "correct" in ds else np.nan,
-            "n_images": int(ds.sizes["sample"]),
-        }
-        for var in SUMMARISED:
-            values = _finite(ds[var].values) if var in ds else np.array([])
-            q25, median, q75 = np.quantile(values, [0.25, 0.5, 0.75]) if values.size else (np.nan,) * 3
-            row |= {f"{var}_median": median, f"{var}_q25": q25, f"{var}_q75": q75}
-        for x, y in CORRELATED:
-            key = f"spearman_{x}_{y}"
-            if x in ds and y in ds:
-                a, b = np.asarray(ds[x].values, float), np.asarray(ds[y].values, float)
-                ok = np.isfinite(a) & np.isfinite(b)
-                row[key] = float(spearmanr(a[ok], b[ok]).statistic) if ok.sum() > 2 else np.nan
-            else:
-                row[key] = np.nan
-        row["attack_failures"] = int(np.isnan(ds["robustness"].values).sum()) if "robustness" in ds else ds.sizes["sample"]
-        rows.append(row)
+    for model in summary["model"].values:
+        m = summary.sel(model=model)
+        for subset in SUBSETS:
+            s = m.sel(subset=subset)
+            row: dict[str, object] = {
+                "model": str(model),
+                "setting": str(m["setting"].values),
+                "lambda": float(m["lam"]),
+                "seed": int(m["seed"]),
+                "sensitivity": str(m["sensitivity"].values),
+                "p": float(m["p"]),
+                "test_accuracy": float(m["test_accuracy"]),
+                "eval_accuracy": float(m["eval_accuracy"]),
+                "majority_class_share": float(m["majority_class_share"]),
+                "degenerate": bool(m["degenerate"]),
+                "subset": subset,
+                "n_images": int(s["model_n_images"]),
+                "attack_failures": int(s["attack_failures"]),
+            }
+            for q in SUMMARISED:
+                for stat in ("median", "median_ci_low", "median_ci_high", "q25", "q75"):
+                    row[f"{q}_{stat}"] = float(s[f"model_{stat}"].sel(quantity=q))
+            for pair in summary["pair"].values:
+                x, y = str(pair).split("~")
+                row[f"spearman_{x}_{y}"] = float(s["model_spearman"].sel(pair=pair))
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
-def table_dataset(table: pd.DataFrame) -> xr.Dataset:
-    """The per-model statistics as variables along ``model`` (for summary.zarr)."""
-    stats = table.drop(columns=["lambda", "sensitivity", "p", "test_accuracy"]).set_index("model")
-    ds = xr.Dataset.from_dataframe(stats)
-    for name in ds.data_vars:
-        base = name.rsplit("_", 1)[0] if name.endswith(("_median", "_q25", "_q75")) else name
-        ds[name].attrs = {"long_name": f"{name.replace('_', ' ')} over evaluation images", "units": "1"}
-        if base in ("alignment", "robustness", "linearized_robustness"):
-            ds[name].attrs["units"] = "input-space L2 distance"
-    return ds.rename({n: f"stat_{n}" for n in ds.data_vars})
+def grid_table(summary: xr.Dataset) -> pd.DataFrame:
+    """One row per grid point and subset (``summary_grid.csv``)."""
+    rows = []
+    for point in summary["grid_point"].values:
+        g = summary.sel(grid_point=point)
+        for subset in SUBSETS:
+            s = g.sel(subset=subset)
+            row: dict[str, object] = {
+                "grid_point": str(point),
+                "lambda": float(g["grid_lam"]),
+                "n_seeds": int(g["grid_n_seeds"]),
+                "subset": subset,
+            }
+            for q in SUMMARISED:
+                for stat in ("mean_median", "mean_median_ci_low", "mean_median_ci_high", "seed_sd"):
+                    row[f"{q}_{stat}"] = float(s[f"grid_{stat}"].sel(quantity=q))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def trend_table(summary: xr.Dataset) -> pd.DataFrame:
+    """One row per subset and trend (``summary_trends.csv``)."""
+    frame = summary[["trend_spearman", "trend_spearman_ci_low", "trend_spearman_ci_high"]].to_dataframe().reset_index()
+    frame["n_models"] = [int(summary["trend_n_models"].sel(subset=s)) for s in frame["subset"]]
+    frame["excluded_degenerate_models"] = " ".join(json.loads(summary.attrs.get("excluded_degenerate_models", "[]")))
+    return frame.rename(columns=lambda c: c.removeprefix("trend_"))
 
 
 def read_test_accuracy(model_dir: str | Path) -> float:
@@ -108,6 +435,29 @@ def read_test_accuracy(model_dir: str | Path) -> float:
         raise StoreError(f"cannot read the test accuracy {path} ({one_line(exc)}); delete {model_dir} and rerun") from None
 
 
+def summarise(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
+    """The stacked per-image variables with every level of statistics (``summary.zarr``)."""
+    summary = xr.merge(
+        [stacked, model_statistics(stacked, options), grid_statistics(stacked, options), trend_statistics(stacked, options)],
+        compat="override",
+        join="outer",
+        combine_attrs="drop_conflicts",
+    )
+    summary.attrs = provenance(
+        {"n_resamples": options.n_resamples, "confidence_level": options.confidence_level, "seed": options.seed},
+        models=[str(m) for m in stacked["model"].values],
+        title="all models stacked along model, with per-model, per-grid-point and across-model statistics",
+        excluded_degenerate_models=[str(m) for m, bad in zip(stacked["model"].values, stacked["degenerate"].values) if bad],
+    )
+    return summary
+
+
+def _write_csv(frame: pd.DataFrame, path: str | Path) -> None:
+    tmp = Path(path).with_suffix(".csv.partial")
+    frame.to_csv(tmp, index=False, float_format="%.6g")
+    tmp.replace(path)
+
+
 def summary_stage(
     *,
     models: Sequence[str],
@@ -115,18 +465,22 @@ def summary_stage(
     model_dirs: Sequence[str | Path],
     output_zarr: str | Path,
     output_csv: str | Path,
+    output_grid_csv: str | Path,
+    output_trends_csv: str | Path,
+    options: BootstrapOptions,
 ) -> None:
-    """Write ``summary.zarr`` (per-image variables stacked along ``model`` plus per-model
-    statistics prefixed ``stat_``) and ``summary.csv`` (one row per model)."""
+    """Write ``summary.zarr`` and its three tables: per model (``summary.csv``), per grid point
+    (``summary_grid.csv``) and across models (``summary_trends.csv``)."""
     metrics = {m: open_store(p).load() for m, p in zip(models, metrics_stores)}
     specs = {m: load_spec(d) for m, d in zip(models, model_dirs)}
     accuracy = {m: read_test_accuracy(d) for m, d in zip(models, model_dirs)}
     stacked = stack_models(metrics, specs, accuracy)
-    table = model_table(stacked)
-    summary = xr.merge([stacked, table_dataset(table)], combine_attrs="override")
-    summary.attrs = provenance(None, models=list(stacked["model"].values), title="all models stacked along model")
+    for model, reason in zip(stacked["model"].values, stacked["degenerate_reason"].values):
+        if reason:
+            log.warning("model %s is degenerate (%s): shown, flagged, left out of the across-model statistics", model, reason)
+    summary = summarise(stacked, options)
     write_store(summary, output_zarr)
-    tmp = Path(output_csv).with_suffix(".csv.partial")
-    table.to_csv(tmp, index=False, float_format="%.6g")
-    tmp.replace(output_csv)
+    _write_csv(model_table(summary), output_csv)
+    _write_csv(grid_table(summary), output_grid_csv)
+    _write_csv(trend_table(summary), output_trends_csv)
     log.info("summary of %d models written", len(models))

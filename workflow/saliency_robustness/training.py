@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from saliency_robustness.data import class_names, open_split, seeded_subset
 from saliency_robustness.errors import ConfigError, PipelineError, TrainingDiverged
-from saliency_robustness.models import ModelSpec, build_model, load_initial_weights, save_model
+from saliency_robustness.models import ModelSpec, build_model, degenerate_reason, load_initial_weights, save_model
 from saliency_robustness.runtime import full_precision, progress, resolve_device
 from saliency_robustness.stores import atomic_directory
 
@@ -250,16 +250,23 @@ def _fit(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, ds: Dataset, *, device: torch.device, batch_size: int = 500, num_workers: int = 0) -> float:
-    """Clean accuracy of ``model`` (put in eval mode) on every sample of ``ds``."""
+def test_performance(
+    model: nn.Module, ds: Dataset, *, device: torch.device, batch_size: int = 500, num_workers: int = 0
+) -> tuple[float, float]:
+    """Clean accuracy of ``model`` (put in eval mode) on every sample of ``ds``, and the share
+    of samples predicted as its most frequent class."""
     model.eval()
     correct = total = 0
+    counts: torch.Tensor | None = None
     loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     for x, y in progress(loader, desc="test accuracy", unit="batch"):
-        pred = model(x.to(device, non_blocking=True)).argmax(1).cpu()
+        logits = model(x.to(device, non_blocking=True)).cpu()
+        pred = logits.argmax(1)
         correct += int((pred == y).sum())
         total += len(y)
-    return correct / total
+        batch_counts = torch.bincount(pred, minlength=logits.shape[1])
+        counts = batch_counts if counts is None else counts + batch_counts
+    return correct / total, (float(counts.max()) / total if counts is not None else float("nan"))
 
 
 def write_log(rows: list[dict[str, float]], path: Path) -> None:
@@ -320,8 +327,11 @@ def train_stage(
     started = time.perf_counter()
     rows = fit(model, train_set, train, spec.lam, device=device, resume_file=resume, resume_key=resume_key)
     seconds = time.perf_counter() - started
-    test_accuracy = accuracy(model, test_set, device=device, num_workers=train["num_workers"])
+    test_accuracy, majority_share = test_performance(model, test_set, device=device, num_workers=train["num_workers"])
     log.info("test accuracy %.4f on %d images after %.1f s of training", test_accuracy, len(test_set), seconds)  # type: ignore[arg-type]
+    degenerate = degenerate_reason(test_accuracy, majority_share, spec.num_classes)
+    if degenerate:
+        log.warning("%s is degenerate: %s; its statistics are flagged and left out of the trends", spec.name, degenerate)
     if not rows:
         raise PipelineError("training ran no step: check train.epochs and the training set")
     with atomic_directory(output) as tmp:
@@ -329,7 +339,12 @@ def train_stage(
         write_log(rows, tmp / "training_log.csv")
         (tmp / "test_accuracy.json").write_text(
             json.dumps(
-                {"test_accuracy": test_accuracy, "test_images": len(test_set), "train_seconds": seconds},  # type: ignore[arg-type]
+                {
+                    "test_accuracy": test_accuracy,
+                    "majority_class_share": majority_share,
+                    "test_images": len(test_set),  # type: ignore[arg-type]
+                    "train_seconds": seconds,
+                },
                 indent=2,
             )
         )

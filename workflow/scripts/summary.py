@@ -1,7 +1,7 @@
 """Stack every model's metrics into summary.zarr and summary.csv."""
 
 from saliency_robustness.runtime import script_main
-from saliency_robustness.summary import summary_stage
+from saliency_robustness.summary import BootstrapOptions, summary_stage
 
 with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
     summary_stage(
@@ -10,4 +10,7 @@ with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
         model_dirs=list(sm.input.models),
         output_zarr=sm.output.zarr,
         output_csv=sm.output.csv,
+        output_grid_csv=sm.output.grid_csv,
+        output_trends_csv=sm.output.trends_csv,
+        options=BootstrapOptions(**sm.params.options),
     )
