@@ -133,18 +133,36 @@ def test_median_ci_is_reproducible_and_brackets_the_median() -> None:
     assert low < np.median(x) < high
 
 
+def mean_of_medians(medians: np.ndarray, picked: list[list[int]]) -> np.ndarray:
+    return medians[picked[0]].mean(axis=0)
+
+
 def test_hierarchical_bootstrap_without_spread_gives_a_point_interval() -> None:
-    seeds = [np.full((1, 10), 2.0), np.full((1, 12), 2.0)]
-    estimate, low, high = hierarchical_bootstrap([seeds], lambda g: np.array([np.mean([np.median(v) for v in g[0]])]), OPTIONS)
+    values = np.full((2, 1, 10), 2.0)
+    values[1, 0, 7:] = np.nan  # not in the subset
+    estimate, low, high = hierarchical_bootstrap(values, [[0, 1]], mean_of_medians, OPTIONS)
     assert estimate[0] == low[0] == high[0] == 2.0
 
 
 def test_hierarchical_bootstrap_of_two_seeds_spans_their_medians() -> None:
-    """With the images of each seed constant, only the seeds are resampled: the mean of two
-    seeds' medians takes the values a, (a+b)/2 and b with probabilities 1/4, 1/2, 1/4."""
-    seeds = [np.full((1, 10), 1.0), np.full((1, 10), 3.0)]
-    estimate, low, high = hierarchical_bootstrap([seeds], lambda g: np.array([np.mean([np.median(v) for v in g[0]])]), OPTIONS)
+    """With every image's value constant within a seed, only the seeds vary: the mean of two
+    drawn seeds' medians is a, (a+b)/2 or b with probabilities 1/4, 1/2, 1/4, so the 95 % CI is [a, b]."""
+    values = np.stack([np.full((1, 10), 1.0), np.full((1, 10), 3.0)])
+    estimate, low, high = hierarchical_bootstrap(values, [[0, 1]], mean_of_medians, OPTIONS)
     assert (estimate[0], low[0], high[0]) == (2.0, 1.0, 3.0)
+
+
+def test_hierarchical_bootstrap_pairs_images_across_models() -> None:
+    """Model 1 is model 0 shifted by 1 on every image. Drawing the same images for both (all
+    models see the same evaluation images), the difference of their medians is exactly 1 in
+    every resample, however much each median moves."""
+    a = np.random.default_rng(0).exponential(size=50)
+    values = np.stack([a, a + 1.0])[:, None, :]
+    difference = lambda medians, picked: medians[picked[1][0]] - medians[picked[0][0]]  # noqa: E731
+    estimate, low, high = hierarchical_bootstrap(values, [[0], [1]], difference, OPTIONS)
+    np.testing.assert_allclose([estimate[0], low[0], high[0]], 1.0, rtol=1e-12)
+    _, low, high = hierarchical_bootstrap(values[:1], [[0]], mean_of_medians, OPTIONS)
+    assert high[0] - low[0] > 0.1  # while the median itself is uncertain
 
 
 # --- the summary stage ---
@@ -194,6 +212,10 @@ def test_grid_statistics_average_the_seeds_and_leave_degenerate_models_out(exper
     assert row["alignment_mean_median"] == pytest.approx(np.mean(medians), rel=1e-5)
     assert row["alignment_seed_sd"] == pytest.approx(np.std(medians, ddof=1), rel=1e-5)
     assert row["alignment_mean_median_ci_low"] <= row["alignment_mean_median"] <= row["alignment_mean_median_ci_high"]
+    baseline = [np.median(subset_values(0.0, i, "alignment", "all")) for i in (0, 1)]
+    assert row["alignment_gain"] == pytest.approx(np.mean(medians) - np.mean(baseline), rel=1e-5)
+    assert row["alignment_gain_ci_low"] <= row["alignment_gain"] <= row["alignment_gain_ci_high"]
+    assert np.isnan(grid.loc[("gradnorm-lambda0", "all")]["alignment_gain"])  # the baseline itself
     degenerate_point = grid.loc[("gradnorm-lambda0.1", "all")]
     assert degenerate_point["n_seeds"] == 1
     assert degenerate_point["robustness_mean_median"] == pytest.approx(np.median(subset_values(0.1, 4, "robustness", "all")), rel=1e-5)

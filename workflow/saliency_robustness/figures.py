@@ -103,8 +103,9 @@ def footer(fig: plt.Figure, summary: xr.Dataset, subset: str) -> None:
     n = summary["model_n_images"].sel(subset=subset).values
     failures = int(summary["attack_failures"].sel(subset=subset).sum())
     excluded = json.loads(summary.attrs.get("excluded_degenerate_models", "[]"))
+    counts = f"{n.min()}" if n.min() == n.max() else f"{n.min()}–{n.max()}"
     text = (
-        f"{'all evaluation images' if subset == 'all' else 'correctly classified images'}: {n.min()}–{n.max()} per model "
+        f"{'all evaluation images' if subset == 'all' else 'correctly classified images'}: {counts} per model "
         f"(every quantity finite); attack failures (ρ = NaN, left out): {failures} in all. "
         f"Bars: {_level(summary)} bootstrap CIs."
     )
@@ -254,18 +255,18 @@ def alignment_vs_robustness_per_image(summary: xr.Dataset, *, options: Mapping[s
         palette="tab10",
         s=8,
         alpha=0.5,
-        height=2.6,
+        height=3.2,
+        aspect=1,  # square facets with equal limits: the identity line at 45 degrees
         facet_kws={"sharex": True, "sharey": True},
     )
     lim = float(np.nanmax(frame[["robustness", "alignment"]].to_numpy())) * 1.05
     for ax in grid.axes.flat:
         ax.plot([0, lim], [0, lim], ls="--", lw=0.8, color="0.5")
-        ax.set(xlim=(0, lim), ylim=(0, lim), aspect="equal")
+        ax.set(xlim=(0, lim), ylim=(0, lim))
     grid.set_titles("{col_name}")
     # the long labels go once on the figure, not under every facet
-    grid.set_axis_labels("ρ(x)", "α(x)")
+    grid.set_axis_labels("ρ(x)", LABELS["alignment"].removeprefix("alignment "))
     grid.figure.supxlabel(LABELS["robustness"])
-    grid.figure.supylabel(LABELS["alignment"])
     grid.figure.suptitle("Per-image alignment against robustness (dashed: α = ρ)")
     grid.figure.tight_layout()
     footer(grid.figure, summary, subset)

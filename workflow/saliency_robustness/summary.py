@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,44 +91,43 @@ def median_ci(values: np.ndarray, options: BootstrapOptions) -> tuple[float, flo
 
 
 def hierarchical_bootstrap(
-    groups: Sequence[Sequence[np.ndarray]],
-    statistic: Callable[[list[list[np.ndarray]]], np.ndarray],
+    values: np.ndarray,
+    groups: Sequence[Sequence[int]],
+    statistic: Callable[[np.ndarray, list[list[int]]], np.ndarray],
     options: BootstrapOptions,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Point estimate and percentile CI of ``statistic`` under two-level resampling.
+    """Point estimate and percentile CI of a statistic of per-model medians, resampling images
+    and seeds.
 
-    ``groups[k][s]`` holds the per-image values (shape ``quantity x image``) of seed ``s`` of
-    grid point ``k``. Each resample draws, within every grid point, its seeds with
-    replacement, and within every model its images with replacement; ``statistic`` gets the
-    resampled ``groups`` and returns a vector. A grid point with one seed keeps it; a model
-    with one image keeps it.
+    ``values`` is ``model x quantity x image`` (NaN where an image is not in the subset) and
+    ``groups`` lists the models (replicate seeds) of each grid point. Each resample draws the
+    evaluation images with replacement, the same draw for every model (all models are
+    evaluated on the same images: a paired design), and, within each grid point, its seeds
+    with replacement. ``statistic(medians, picked)`` gets the ``model x quantity`` medians over
+    the drawn images and the drawn models of each grid point, and returns a vector.
     """
-    estimate = np.asarray(statistic([list(g) for g in groups]), dtype=np.float64)
-    # one bootstrap "sample" per grid point (seed indices) and per model (image indices)
-    seed_samples = [np.arange(len(g)) for g in groups]
-    image_samples = [np.arange(m.shape[-1]) for g in groups for m in g]
-    resampled = [i for i, s in enumerate(seed_samples) if s.size > 1]
-    resampled_images = [i for i, s in enumerate(image_samples) if s.size > 1]
-    if not resampled and not resampled_images:
-        return estimate, np.full_like(estimate, np.nan), np.full_like(estimate, np.nan)
-    offsets = np.cumsum([0] + [len(g) for g in groups])
+    groups = [list(g) for g in groups]
 
-    def resampled_statistic(*indices: np.ndarray) -> np.ndarray:
-        seeds = [s for s in seed_samples]
-        images = [s for s in image_samples]
-        for k, i in enumerate(resampled):
-            seeds[i] = indices[k]
-        for k, i in enumerate(resampled_images):
-            images[i] = indices[len(resampled) + k]
-        picked = [
-            [groups[g][s][..., images[offsets[g] + s]] for s in seeds[g]]
-            for g in range(len(groups))
-        ]
-        return np.asarray(statistic(picked), dtype=np.float64)
+    def medians(images: np.ndarray) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a model with no image of the subset: NaN
+            return np.nanmedian(values[:, :, images], axis=-1)
+
+    all_images = np.arange(values.shape[-1])
+    estimate = np.asarray(statistic(medians(all_images), groups), dtype=np.float64)
+    replicated = [k for k, g in enumerate(groups) if len(g) > 1]
+    if all_images.size < 2:
+        return estimate, np.full_like(estimate, np.nan), np.full_like(estimate, np.nan)
+
+    def resampled(images: np.ndarray, *seeds: np.ndarray) -> np.ndarray:
+        picked = list(groups)
+        for k, draw in zip(replicated, seeds):
+            picked[k] = [groups[k][i] for i in draw]
+        return np.asarray(statistic(medians(images), picked), dtype=np.float64)
 
     result = bootstrap(
-        tuple(seed_samples[i] for i in resampled) + tuple(image_samples[i] for i in resampled_images),
-        resampled_statistic,
+        (all_images, *(np.arange(len(groups[k])) for k in replicated)),
+        resampled,
         n_resamples=options.n_resamples,
         confidence_level=options.confidence_level,
         method="percentile",
@@ -221,6 +221,12 @@ def _values(stacked: xr.Dataset, mask: xr.DataArray, model: str) -> np.ndarray:
     return np.stack([np.asarray(stacked[v].sel(model=model).values, dtype=np.float64)[keep] for v in SUMMARISED])
 
 
+def _masked(stacked: xr.Dataset, mask: xr.DataArray, models: Sequence[str]) -> np.ndarray:
+    """``model x quantity x image`` array of the summarised quantities, NaN off the subset."""
+    values = np.stack([stacked[v].sel(model=list(models)).values.astype(np.float64) for v in SUMMARISED], axis=1)
+    return np.where(mask.sel(model=list(models)).values[:, None, :], values, np.nan)
+
+
 def model_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
     """Per model and subset: medians with CIs, quartiles, image counts and rank correlations."""
     models = [str(m) for m in stacked["model"].values]
@@ -280,35 +286,52 @@ def _grid_points(stacked: xr.Dataset, healthy: Sequence[str]) -> dict[str, list[
     return points
 
 
-def _mean_of_medians(groups: list[list[np.ndarray]]) -> np.ndarray:
-    (seeds,) = groups
-    return np.mean([np.median(v, axis=-1) for v in seeds], axis=0)
+def _mean_of_medians(medians: np.ndarray, picked: list[list[int]]) -> np.ndarray:
+    (seeds,) = picked
+    return medians[seeds].mean(axis=0)
+
+
+def _gain(medians: np.ndarray, picked: list[list[int]]) -> np.ndarray:
+    baseline, point = picked
+    return medians[point].mean(axis=0) - medians[baseline].mean(axis=0)
 
 
 def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
     """Per grid point and subset: mean over seeds of the per-model medians, with a CI that
-    resamples seeds and images, and the spread (standard deviation) of the medians over seeds."""
+    resamples seeds and images, the spread (standard deviation) of the medians over seeds,
+    and the gain over the first grid point (smallest lambda) with its paired CI."""
     healthy = [str(m) for m, bad in zip(stacked["model"].values, stacked["degenerate"].values) if not bad]
     points = _grid_points(stacked, healthy)
     lam = {str(label): float(lam) for label, lam in zip(stacked["setting"].values, stacked["lam"].values)}
     shape = (len(points), len(SUBSETS), len(SUMMARISED))
-    stats = {name: np.full(shape, np.nan) for name in ("mean_median", "mean_median_ci_low", "mean_median_ci_high", "seed_sd")}
+    names = ("mean_median", "mean_median_ci_low", "mean_median_ci_high", "seed_sd", "gain", "gain_ci_low", "gain_ci_high")
+    stats = {name: np.full(shape, np.nan) for name in names}
+    baseline = next((models for models in points.values() if models), [])
     for j, subset in enumerate(SUBSETS):
         mask = subset_mask(stacked, subset)
         for i, models in enumerate(points.values()):
-            seeds = [v for v in (_values(stacked, mask, m) for m in models) if v.shape[1] > 0]
-            if not seeds:
+            if not models:
                 continue
-            estimate, low, high = hierarchical_bootstrap([seeds], _mean_of_medians, options)
+            if models is not baseline and baseline:
+                pair = _masked(stacked, mask, [*baseline, *models])
+                groups = [range(len(baseline)), range(len(baseline), len(baseline) + len(models))]
+                stats["gain"][i, j], stats["gain_ci_low"][i, j], stats["gain_ci_high"][i, j] = hierarchical_bootstrap(pair, groups, _gain, options)
+            values = _masked(stacked, mask, models)
+            estimate, low, high = hierarchical_bootstrap(values, [range(len(models))], _mean_of_medians, options)
             stats["mean_median"][i, j], stats["mean_median_ci_low"][i, j], stats["mean_median_ci_high"][i, j] = estimate, low, high
-            if len(seeds) > 1:
-                stats["seed_sd"][i, j] = np.std([np.median(v, axis=1) for v in seeds], axis=0, ddof=1)
+            if len(models) > 1:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    stats["seed_sd"][i, j] = np.std(np.nanmedian(values, axis=-1), axis=0, ddof=1)
     level = f"{options.confidence_level:.0%}"
     long_names = {
         "mean_median": "mean over replicate seeds of the per-model median",
         "mean_median_ci_low": f"lower end of the {level} CI (seeds and images resampled)",
         "mean_median_ci_high": f"upper end of the {level} CI (seeds and images resampled)",
         "seed_sd": "standard deviation over seeds of the per-model median",
+        "gain": "mean median minus that of the first grid point (smallest lambda)",
+        "gain_ci_low": f"lower end of the gain's {level} CI (paired images, seeds resampled)",
+        "gain_ci_high": f"upper end of the gain's {level} CI (paired images, seeds resampled)",
     }
     ds = xr.Dataset(
         {f"grid_{name}": (("grid_point", "subset", "quantity"), v, {"long_name": long_names[name], "units": "unit of the quantity"}) for name, v in stats.items()},
@@ -319,13 +342,12 @@ def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datase
     return ds
 
 
-def _trend_statistic(lams: list[list[float]]) -> Callable[[list[list[np.ndarray]]], np.ndarray]:
+def _trend_statistic(lam: np.ndarray) -> Callable[[np.ndarray, list[list[int]]], np.ndarray]:
     robustness, alignment = SUMMARISED.index("robustness"), SUMMARISED.index("alignment")
 
-    def statistic(groups: list[list[np.ndarray]]) -> np.ndarray:
-        medians = [(lams[g][0], np.median(v[alignment]), np.median(v[robustness])) for g, seeds in enumerate(groups) for v in seeds]
-        lam, med_alignment, med_robustness = (np.array(c) for c in zip(*medians))
-        columns = {"lam": lam, "alignment": med_alignment, "robustness": med_robustness}
+    def statistic(medians: np.ndarray, picked: list[list[int]]) -> np.ndarray:
+        models = [m for seeds in picked for m in seeds]
+        columns = {"lam": lam[models], "alignment": medians[models, alignment], "robustness": medians[models, robustness]}
         return np.array([_spearman(columns[x], columns[y]) for x, y in TRENDS])
 
     return statistic
@@ -334,23 +356,23 @@ def _trend_statistic(lams: list[list[float]]) -> Callable[[list[list[np.ndarray]
 def trend_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
     """Across non-degenerate models, per subset: Spearman of median alignment with median
     robustness and of lambda with median robustness (and alignment), one point per model,
-    with CIs that resample seeds within grid points and images within models."""
+    with CIs that resample images (paired across models) and seeds within grid points."""
     healthy = [str(m) for m, bad in zip(stacked["model"].values, stacked["degenerate"].values) if not bad]
-    points = {k: v for k, v in _grid_points(stacked, healthy).items() if v}
-    lam = dict(zip(map(str, stacked["model"].values), map(float, stacked["lam"].values)))
+    points = [models for models in _grid_points(stacked, healthy).values() if models]
+    models = [m for group in points for m in group]
+    groups, start = [], 0
+    for group in points:
+        groups.append(range(start, start + len(group)))
+        start += len(group)
+    lam = stacked["lam"].sel(model=models).values.astype(np.float64) if models else np.array([])
     shape = (len(SUBSETS), len(TRENDS))
     estimate, low, high = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
-    n_models = np.zeros(len(SUBSETS), dtype=np.int64)
+    n_models = np.full(len(SUBSETS), len(models), dtype=np.int64)
     for j, subset in enumerate(SUBSETS):
-        mask = subset_mask(stacked, subset)
-        groups = [[v for v in (_values(stacked, mask, m) for m in models) if v.shape[1] > 0] for models in points.values()]
-        lams = [[lam[m] for m in models] for models in points.values()]
-        kept = [(g, lam_g) for g, lam_g in zip(groups, lams) if g]
-        n_models[j] = sum(len(g) for g, _ in kept)
-        if n_models[j] < 3:
+        if len(models) < 3:
             continue
-        groups, lams = [g for g, _ in kept], [l for _, l in kept]
-        estimate[j], low[j], high[j] = hierarchical_bootstrap(groups, _trend_statistic(lams), options)
+        values = _masked(stacked, subset_mask(stacked, subset), models)
+        estimate[j], low[j], high[j] = hierarchical_bootstrap(values, groups, _trend_statistic(lam), options)
     level = f"{options.confidence_level:.0%}"
     ds = xr.Dataset(
         {
@@ -412,7 +434,7 @@ def grid_table(summary: xr.Dataset) -> pd.DataFrame:
                 "subset": subset,
             }
             for q in SUMMARISED:
-                for stat in ("mean_median", "mean_median_ci_low", "mean_median_ci_high", "seed_sd"):
+                for stat in ("mean_median", "mean_median_ci_low", "mean_median_ci_high", "seed_sd", "gain", "gain_ci_low", "gain_ci_high"):
                     row[f"{q}_{stat}"] = float(s[f"grid_{stat}"].sel(quantity=q))
             rows.append(row)
     return pd.DataFrame(rows)
