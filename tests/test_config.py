@@ -76,6 +76,8 @@ def test_seeds_make_the_grid_lambda_by_seed() -> None:
     assert list(model_grid(validate_config({"experiment": "x", "train": {"lambdas": [0.1], "seed": 2}}))) == ["gradnorm-lambda0.1-seed2"]
     with pytest.raises(ConfigError, match="appears twice"):
         model_grid(validate_config({"experiment": "x", "train": {"seeds": [1, 1]}}))
-    with pytest.raises(ConfigError, match="both set") as info:
-        validate_config({"experiment": "x", "train": {"seed": 1, "seeds": [1, 2]}})
+    with pytest.raises(ConfigError, match="'train.seed': 5 is not among train.seeds") as info:
+        validate_config({"experiment": "x", "train": {"seed": 5, "seeds": [1, 2]}})
     assert "\n" not in str(info.value)
+    validated = validate_config({"experiment": "x", "train": {"seeds": [3, 4]}})
+    assert validate_config(validated) == validated  # validating twice changes nothing

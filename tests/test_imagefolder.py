@@ -22,6 +22,7 @@ from torch import nn
 from saliency_robustness.config import model_grid, validate_config
 from saliency_robustness.data import InputSpace, build_eval_dataset, open_split
 from saliency_robustness.errors import ConfigError, DataError
+from saliency_robustness.figures import FIGURES
 from saliency_robustness.models import (
     CHECKPOINT,
     IMAGENET_STD,
@@ -369,4 +370,4 @@ def test_whole_workflow_runs_on_a_synthetic_folder(folder_root: Path, tmp_path: 
         summary = xr.open_zarr(out / "summary.zarr")
         assert list(summary["model"].values) == models
         assert (out / "summary.csv").exists()
-        assert len(list((out / "figures").glob("*.png"))) == 7
+        assert {png.stem for png in (out / "figures").glob("*.png")} == set(FIGURES)

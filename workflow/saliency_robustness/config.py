@@ -76,9 +76,16 @@ def validate_config(config: Mapping[str, Any], schema_path: Path | str = SCHEMA_
         # the most specific error first: deepest path, then schema order
         best = jsonschema.exceptions.best_match(errors)
         raise ConfigError(_message(best))
-    raw_train = config.get("train") or {}
-    if isinstance(raw_train, Mapping) and "seed" in raw_train and "seeds" in raw_train:
-        raise ConfigError("config keys 'train.seed' and 'train.seeds' are both set: keep one (seed is short for seeds: [seed])")
+    raw_train, train = config.get("train") or {}, checked["train"]
+    if train["seeds"] is not None:
+        # seed is short for seeds: [seed]; both may stand only if they agree (a validated config
+        # validates again unchanged)
+        if "seed" in raw_train and raw_train["seed"] not in train["seeds"]:
+            raise ConfigError(
+                f"config key 'train.seed': {raw_train['seed']} is not among train.seeds {train['seeds']} "
+                "(seed is short for seeds: [seed]; keep one)"
+            )
+        train["seed"] = train["seeds"][0]
     attacks = checked["attacks"]
     if not attacks["store_adversarials"] and any(a["refine"] for a in attacks["ensemble"].values()):
         raise ConfigError(
