@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +20,14 @@ pytestmark = pytest.mark.workflow
 SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
 
 
-def snakemake(workdir: Path, configfile: Path, *args: str, data_root: Path) -> subprocess.CompletedProcess[str]:
+def snakemake(workdir: Path, configfile: Path, *args: str, data_root: Path | None) -> subprocess.CompletedProcess[str]:
+    """Snakemake on ``configfile`` in ``workdir`` (``data_root=None``: the config's own)."""
     cmd = [
         sys.executable, "-m", "snakemake",
         "--snakefile", str(REPO / "Snakefile"),
         "--directory", str(workdir),
         "--configfile", str(configfile),
-        "--config", f"data_root={data_root}",
+        *(["--config", f"data_root={data_root}"] if data_root is not None else []),
         "--cores", "2",
         *args,
     ]  # fmt: skip
@@ -111,6 +113,38 @@ def test_adding_a_seed_trains_only_the_new_replicates(smoke_run, tmp_path) -> No
     n_lambdas = len(SMOKE["train"]["lambdas"])
     assert jobs["train"] == n_lambdas and jobs["saliency"] == n_lambdas  # the seed-7 replicates only
     assert "gradnorm-lambda0-seed7" in result.stdout + result.stderr
+
+
+def test_where_the_data_lives_is_not_part_of_any_model(smoke_run, tmp_path) -> None:  # noqa: ANN001
+    workdir, configfile, data_root = smoke_run
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(data_root / "MNIST", copy / "MNIST")
+    assert planned_jobs(snakemake(workdir, configfile, "-n", data_root=copy)) == {}
+    # forgotten: the config's own data root (absent here) plans nothing either
+    assert planned_jobs(snakemake(workdir, configfile, "-n", data_root=None)) == {}
+
+
+def test_a_mistyped_data_root_fails_in_one_line_and_loses_nothing(smoke_run, tmp_path) -> None:  # noqa: ANN001
+    workdir, _, _ = smoke_run
+    models = sorted((results(workdir) / "models").iterdir())
+    mistyped = tmp_path / "shraed" / "data"
+    changed = with_changes(tmp_path, "new-lambda", train={"lambdas": [*SMOKE["train"]["lambdas"], 0.5]})
+    result = snakemake(workdir, changed, data_root=mistyped)
+    assert result.returncode != 0
+    assert f"error: data root '{mistyped}' does not exist" in result.stderr
+    assert not mistyped.parent.exists()  # nothing created where it points
+    assert sorted((results(workdir) / "models").iterdir()) == models  # nothing deleted
+
+
+def test_a_misspelled_attack_stops_the_run_before_any_job(smoke_run, tmp_path) -> None:  # noqa: ANN001
+    workdir, _, data_root = smoke_run
+    ensemble = {**SMOKE["attacks"]["ensemble"], "DDN": {"attack": "DDNAttak"}}
+    changed = with_changes(tmp_path, "typo", attacks={"ensemble": ensemble})
+    result = snakemake(workdir, changed, "-n", data_root=data_root)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: config key 'attacks.ensemble.DDN': unknown attack class 'DDNAttak' (known: " + errors[0].split("(known: ")[1]]
+    assert "Traceback" not in result.stderr
 
 
 def test_changing_one_lambda_trains_only_that_model(smoke_run, tmp_path) -> None:  # noqa: ANN001

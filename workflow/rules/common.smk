@@ -14,6 +14,10 @@ from saliency_robustness.errors import ConfigError
 try:
     _validated = validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
     MODELS = model_grid(_validated)
+    if workflow.is_main_process:  # once per run, not in every job: building attacks imports torch
+        from saliency_robustness.attacks import check_ensemble
+
+        check_ensemble(_validated["attacks"]["ensemble"])
 except ConfigError as error:
     sys.exit(f"error: {error}")
 config.clear()

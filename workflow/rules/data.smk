@@ -3,7 +3,6 @@ rule data:
         directory(f"{RESULTS}/data/eval.zarr"),
     params:
         dataset=canonical(config["dataset"]),
-        data_root=config["data_root"],
         version=stage_version("data", dataset=config["dataset"]),
     log:
         f"{LOGS}/data.log",

@@ -5,7 +5,6 @@ rule train:
         directory(f"{RESULTS}/models/{{model}}"),
     params:
         settings=train_settings,
-        data_root=config["data_root"],
         resume_file=resume_file,
         version=train_version,
     log:

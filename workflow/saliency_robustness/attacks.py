@@ -597,6 +597,36 @@ def sample_chunk(shape: Sequence[int], target_bytes: int = 1 << 24) -> int:
     return max(1, min(int(shape[0]), target_bytes // per_sample))
 
 
+def _check_keywords(name: str, kwargs: Mapping[str, Any]) -> None:
+    import importlib.util
+    import inspect
+
+    try:
+        inspect.signature(ATTACKS[name]).bind(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"bad keyword arguments for {name}: {one_line(exc)}") from None
+    if importlib.util.find_spec("numba") is None:
+        raise ConfigError(f"{name} needs the optional package numba; pip install 'saliency-robustness[refine]'")
+
+
+def check_ensemble(ensemble: Mapping[str, Mapping[str, Any]]) -> None:
+    """Build every attack of the config's ensemble once, so that an unknown class, a bad
+    keyword or a missing optional package stops the run at start-up, before any job."""
+    if not ensemble:
+        raise ConfigError("config key 'attacks.ensemble': empty; at least one attack is needed for robustness")
+    for name, settings in ensemble.items():
+        try:
+            if settings["attack"] in NEEDS_STARTING_POINTS:
+                # its constructor compiles numba code for up to a minute: check the keywords only
+                _check_keywords(settings["attack"], settings.get("kwargs") or {})
+            else:
+                make_attack(settings["attack"], settings.get("kwargs"))
+        except ConfigError as exc:
+            raise ConfigError(f"config key 'attacks.ensemble.{name}': {exc}") from None
+    if all(settings.get("refine") for settings in ensemble.values()):
+        raise ConfigError("config key 'attacks.ensemble': a refining attack (refine: true) needs at least one attack with refine: false")
+
+
 def combine_attacks(datasets: Mapping[str, xr.Dataset]) -> xr.Dataset:
     """The ensemble: ``robustness`` = the smallest verified norm over the attacks (NaN where
     none succeeded), ``robustness_attack`` = which attack found it (``"none"``), and

@@ -22,6 +22,8 @@ import yaml
 from saliency_robustness.errors import ConfigError, one_line
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# images per MNIST split: a subset larger than its split is a config error
+MNIST_SPLIT_SIZES = {"train": 60000, "test": 10000}
 SCHEMA_PATH = PACKAGE_DIR.parent / "schemas" / "config.schema.yaml"
 
 
@@ -76,6 +78,11 @@ def validate_config(config: Mapping[str, Any], schema_path: Path | str = SCHEMA_
         # the most specific error first: deepest path, then schema order
         best = jsonschema.exceptions.best_match(errors)
         raise ConfigError(_message(best))
+    if checked["dataset"]["kind"] == "mnist":
+        for key, section, split in (("n_eval", "dataset", "test"), ("n_train", "train", "train")):
+            n = checked[section][key]
+            if n is not None and n > MNIST_SPLIT_SIZES[split]:
+                raise ConfigError(f"config key '{section}.{key}': {n} is more than the {MNIST_SPLIT_SIZES[split]} images of MNIST's {split} split")
     raw_train, train = config.get("train") or {}, checked["train"]
     if train["seeds"] is not None:
         # seed is short for seeds: [seed]; both may stand only if they agree (a validated config

@@ -9,6 +9,7 @@ mean-subtracted pixels (any division by a per-channel std is the model's first l
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 import xarray as xr
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from saliency_robustness.config import MNIST_SPLIT_SIZES
 from saliency_robustness.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
@@ -53,21 +55,75 @@ class InputSpace:
 MNIST_INPUT_SPACE = InputSpace(pixel_offset=(0.0,))
 
 
+# the schema's default data root: the project's own download folder, created when needed;
+# any other data root must exist (a mistyped one creates nothing)
+DEFAULT_DATA_ROOT = "data"
+# torchvision's layout <data_root>/MNIST/raw/: file -> size in bytes (the IDX header plus
+# 28 x 28 bytes per image or 1 byte per label)
+MNIST_FILES = {
+    "train-images-idx3-ubyte": 16 + MNIST_SPLIT_SIZES["train"] * 28 * 28,
+    "train-labels-idx1-ubyte": 8 + MNIST_SPLIT_SIZES["train"],
+    "t10k-images-idx3-ubyte": 16 + MNIST_SPLIT_SIZES["test"] * 28 * 28,
+    "t10k-labels-idx1-ubyte": 8 + MNIST_SPLIT_SIZES["test"],
+}
+
+
+def check_data_root(root: str | Path) -> Path:
+    """``root`` as a path; a missing data root other than the default is an error (nothing is created)."""
+    path = Path(root).expanduser()
+    if not path.is_dir() and str(root) != DEFAULT_DATA_ROOT:
+        raise DataError(
+            f"data root {str(root)!r} does not exist (mistyped?); pass --config data_root=<folder holding MNIST/raw/>"
+        )
+    return path
+
+
+def mnist_files_present(root: Path) -> bool:
+    """Whether all four raw MNIST files are there; a file of the wrong size is an error."""
+    raw = root / "MNIST" / "raw"
+    present = True
+    for name, expected in MNIST_FILES.items():
+        path = raw / name
+        if not path.is_file():
+            present = False
+            continue
+        size = path.stat().st_size
+        if size != expected:
+            raise DataError(
+                f"MNIST file {path} is {size} bytes, expected {expected} (truncated or corrupt): "
+                "replace it with a complete copy, or delete it to download MNIST again"
+            )
+    return present
+
+
 def _mnist(root: Path, train: bool) -> Any:
     from torchvision.datasets import MNIST
 
-    try:  # use files that are already there; never write into a complete data root
-        return MNIST(str(root), train=train, download=False)
-    except RuntimeError:
-        pass
+    root = check_data_root(root)
+    if mnist_files_present(root):  # use files that are already there; never write into a complete data root
+        try:
+            return MNIST(str(root), train=train, download=False)
+        except Exception as exc:  # unreadable although complete in size
+            raise DataError(f"cannot read MNIST under {root}/MNIST/raw/: {one_line(exc)}") from None
     log.info("MNIST not found under %s: downloading", root)
     try:
         return MNIST(str(root), train=train, download=True)
     except Exception as exc:  # offline: URLError, RuntimeError, PermissionError, ...
         raise DataError(
             f"MNIST not found under data_root={str(root)!r} (expected {root}/MNIST/raw/) "
-            f"and download failed: {one_line(exc)}"
+            f"and the download failed: {one_line(exc)}"
         ) from None
+
+
+def data_fingerprint(dataset: Mapping[str, Any], data_root: str | Path) -> str:
+    """A content hash of the dataset's files where that is cheap (MNIST: the four raw files,
+    55 MB), recorded with the stores as provenance; ``"not computed"`` for image folders."""
+    if dataset["kind"] != "mnist":
+        return "not computed"
+    digest = hashlib.md5(usedforsecurity=False)
+    for name in MNIST_FILES:
+        digest.update((Path(data_root) / "MNIST" / "raw" / name).read_bytes())
+    return f"md5:{digest.hexdigest()}"
 
 
 def load_mnist(root: str | Path, train: bool) -> TensorDataset:
@@ -163,6 +219,8 @@ def class_names(ds: Dataset) -> list[str] | None:
 def seeded_subset(ds: Dataset, n: int | None, seed: int) -> tuple[Dataset, np.ndarray]:
     """A seeded choice of ``n`` samples (all when ``n`` is None), in increasing index order."""
     size = len(ds)  # type: ignore[arg-type]
+    if n is not None and n > size:
+        log.warning("asked for %d samples, but the split holds %d: using all %d", n, size, size)
     if n is None or n >= size:
         return ds, np.arange(size)
     indices = np.sort(np.random.default_rng(seed).choice(size, size=n, replace=False))
@@ -222,7 +280,8 @@ def build_eval_dataset(dataset: Mapping[str, Any], data_root: str | Path) -> xr.
     subset, indices = seeded_subset(test, dataset["n_eval"], dataset["eval_seed"])
     images, labels = stack(subset)
     log.info("evaluation set: %d of %d test images (seed %d)", len(indices), len(test), dataset["eval_seed"])  # type: ignore[arg-type]
-    return eval_dataset(images, labels, indices, space, class_names=class_names(test))
+    attrs = {"data_fingerprint": data_fingerprint(dataset, data_root)}
+    return eval_dataset(images, labels, indices, space, class_names=class_names(test), attrs=attrs)
 
 
 def eval_tensors(ds: xr.Dataset) -> tuple[torch.Tensor, torch.Tensor]:

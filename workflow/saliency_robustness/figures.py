@@ -25,6 +25,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import xarray as xr  # noqa: E402
 
+from saliency_robustness.errors import PipelineError, one_line  # noqa: E402
 from saliency_robustness.stores import open_store  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -430,6 +431,25 @@ def figure_stage(
         extra["eval_ds"] = open_store(eval_store, ["images", "label"])
         stores = [open_store(p, ["saliency"]) for p in saliency_stores]
         extra["saliency"] = {Path(p).name.removesuffix(".zarr"): ds for p, ds in zip(saliency_stores, stores)}
-    fig = FIGURES[figure](summary, **extra)
+    check_plottable(summary, figure, options.get("subset", "all"))
+    try:
+        fig = FIGURES[figure](summary, **extra)
+    except (ValueError, KeyError, TypeError) as exc:  # e.g. seaborn on an empty frame
+        raise PipelineError(f"figure {figure} could not be drawn from {summary_store}: {one_line(exc)}") from None
     save_figure(fig, outputs, options["dpi"])
     log.info("figure %s written to %s", figure, ", ".join(map(str, outputs)))
+
+
+def check_plottable(summary: xr.Dataset, figure: str, subset: str) -> None:
+    """Name each model that has no image to plot (a variable with no finite value) in the log;
+    when no model has one, stop with one line naming the models and variables."""
+    empty: list[str] = []
+    for model in summary["model"].values:
+        if int(summary["model_n_images"].sel(model=model, subset=subset)) > 0:
+            continue
+        values = summary.sel(model=model)
+        dead = [str(q) for q in summary["quantity"].values if not np.isfinite(values[str(q)].values).any()]
+        empty.append(f"{model} ({', '.join(dead) or 'no image in subset ' + subset} without a finite value)")
+        log.warning("figure %s: model %s has nothing to plot: %s", figure, model, empty[-1])
+    if empty and len(empty) == summary.sizes["model"]:
+        raise PipelineError(f"figure {figure}: no model has a value to plot: {'; '.join(empty)}")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from saliency_robustness.errors import ConfigError, DataError, StoreError, one_line
+from saliency_robustness.stores import check_manifest, write_manifest
 
 CHECKPOINT = "model.pt"
 SPEC = "spec.json"
@@ -193,10 +194,13 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
 
 def save_model(model: nn.Module, spec: ModelSpec, directory: Path | str) -> None:
+    """Write ``model.pt`` and ``spec.json`` into ``directory``, with a manifest of their sizes
+    and hashes (a damaged checkpoint is then refused by :func:`load_model`)."""
     directory = Path(directory)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     torch.save(state, directory / CHECKPOINT)
     (directory / SPEC).write_text(spec.to_json())
+    write_manifest(directory)
 
 
 def load_spec(model_dir: Path | str) -> ModelSpec:
@@ -209,14 +213,16 @@ def load_spec(model_dir: Path | str) -> ModelSpec:
 
 def load_model(model_dir: Path | str, device: torch.device | str = "cpu") -> nn.Module:
     """The trained model in ``model_dir`` (``models/<model>/``), in eval mode, on ``device``."""
+    fix = f"delete {model_dir} and rerun snakemake (it retrains the model)"
+    check_manifest(Path(model_dir), "model directory", fix)
     spec = load_spec(model_dir)
     model = build_model(spec)
     path = Path(model_dir) / CHECKPOINT
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise StoreError(f"cannot load checkpoint {path}: {one_line(exc)}") from None
+    except Exception as exc:  # unpickling and shape errors of many types
+        raise StoreError(f"cannot load checkpoint {path}: {one_line(exc)}; {fix}") from None
     return model.to(device).eval()
 
 

@@ -7,6 +7,7 @@ complete, so an interrupted job never leaves a store that opens as valid.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -69,6 +70,10 @@ def atomic_directory(path: Path | str) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``path`` only on success."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # what a killed attempt at the same output left behind (Snakemake's lock keeps two runs
+    # from writing one output at once)
+    for leftover in final.parent.glob(f".{final.name}.partial-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
@@ -103,8 +108,55 @@ def _variable_length_strings(ds: xr.Dataset) -> xr.Dataset:
     )
 
 
+MANIFEST = "manifest.json"
+
+
+def file_digest(path: Path) -> str:
+    """BLAKE2b hash of a file (fast enough to check every store on every open)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, extra: Mapping[str, Any] | None = None) -> None:
+    """Record what ``directory`` must contain: every file's size and hash (and ``extra``)."""
+    files = {
+        str(f.relative_to(directory)): {"bytes": f.stat().st_size, "blake2b": file_digest(f)}
+        for f in sorted(directory.rglob("*"))
+        if f.is_file() and f.name != MANIFEST
+    }
+    (directory / MANIFEST).write_text(json.dumps({**(extra or {}), "files": files}, indent=1, sort_keys=True))
+
+
+def check_manifest(directory: Path, what: str, fix: str) -> None:
+    """Raise :class:`StoreError` in one line when a file of ``directory`` is missing, has
+    another size or another hash than when it was written; ``fix`` says what to do."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise StoreError(f"{what} {directory} has no readable {MANIFEST} (damaged, or written by an older version); {fix}") from None
+    for name, expected in files.items():
+        path = directory / name
+        part = f"variable {name.split('/')[0]!r}, file {name}" if "/" in name else f"file {name}"
+        if not path.is_file():
+            raise StoreError(f"{what} {directory} is damaged: {part} is missing; {fix}")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise StoreError(f"{what} {directory} is damaged: {part} is {size} bytes, expected {expected['bytes']}; {fix}")
+        if file_digest(path) != expected["blake2b"]:
+            raise StoreError(f"{what} {directory} is damaged: {part} differs from what was written; {fix}")
+
+
 def write_store(ds: xr.Dataset, path: Path | str, chunks: Mapping[str, int] | None = None) -> Path:
-    """Write ``ds`` as a Zarr store at ``path``, atomically, with explicit chunks."""
+    """Write ``ds`` as a Zarr store at ``path``, atomically, with explicit chunks.
+
+    Every chunk is written, also one that holds only the fill value, so that a missing chunk
+    file always means damage; ``manifest.json`` records every file's size and hash, and
+    :func:`open_store` checks them.
+    """
     final = Path(path)
     ds = _variable_length_strings(ds)
     with atomic_directory(final) as tmp:
@@ -118,24 +170,32 @@ def write_store(ds: xr.Dataset, path: Path | str, chunks: Mapping[str, int] | No
                 zarr_format=ZARR_FORMAT,
                 consolidated=CONSOLIDATED,
                 encoding=chunk_encoding(ds, chunks),
+                write_empty_chunks=True,
             )
         # the rename below is what makes the store visible: move its content up one level
         for child in store.iterdir():
             os.replace(child, tmp / child.name)
         store.rmdir()
+        write_manifest(tmp, {"variables": {str(n): list(v.shape) for n, v in ds.variables.items()}})
     return final
 
 
 def open_store(path: Path | str, variables: Iterable[str] = ()) -> xr.Dataset:
-    """Open a store lazily; raise :class:`StoreError` naming it if missing, corrupt or incomplete."""
+    """Open a store lazily; raise :class:`StoreError` naming it if missing, damaged or incomplete.
+
+    A store is damaged when a file its manifest lists is missing, truncated or altered: one
+    line names the store, the variable and the fix (delete the store; the next run rewrites it).
+    """
     p = Path(path)
     if not p.exists():
         raise StoreError(f"store {p} does not exist (run the stage that writes it)")
+    fix = f"delete {p} and rerun snakemake (it rewrites the store)"
+    check_manifest(p, "store", fix)
     try:
         ds = xr.open_zarr(p, consolidated=CONSOLIDATED, zarr_format=ZARR_FORMAT)
     except Exception as exc:  # zarr raises many types for a damaged store
-        raise StoreError(f"store {p} is corrupt or not a Zarr store ({one_line(exc)}); delete it and rerun") from None
+        raise StoreError(f"store {p} is corrupt or not a Zarr store ({one_line(exc)}); {fix}") from None
     missing = [v for v in variables if v not in ds.variables]
     if missing:
-        raise StoreError(f"store {p} lacks variable(s) {', '.join(missing)}; delete it and rerun")
+        raise StoreError(f"store {p} lacks variable(s) {', '.join(missing)}; {fix}")
     return ds

@@ -388,6 +388,11 @@ def trend_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
     return ds
 
 
+def _quantity_columns(stats: xr.Dataset, level: str, names: Sequence[str]) -> dict[str, float]:
+    """``<quantity>_<statistic>`` columns from the ``<level>_<statistic>`` variables."""
+    return {f"{q}_{name}": float(stats[f"{level}_{name}"].sel(quantity=q)) for q in SUMMARISED for name in names}
+
+
 def model_table(summary: xr.Dataset) -> pd.DataFrame:
     """One row per model and subset (``summary.csv``)."""
     rows = []
@@ -410,9 +415,7 @@ def model_table(summary: xr.Dataset) -> pd.DataFrame:
                 "n_images": int(s["model_n_images"]),
                 "attack_failures": int(s["attack_failures"]),
             }
-            for q in SUMMARISED:
-                for stat in ("median", "median_ci_low", "median_ci_high", "q25", "q75"):
-                    row[f"{q}_{stat}"] = float(s[f"model_{stat}"].sel(quantity=q))
+            row |= _quantity_columns(s, "model", ("median", "median_ci_low", "median_ci_high", "q25", "q75"))
             for pair in summary["pair"].values:
                 x, y = str(pair).split("~")
                 row[f"spearman_{x}_{y}"] = float(s["model_spearman"].sel(pair=pair))
@@ -433,9 +436,9 @@ def grid_table(summary: xr.Dataset) -> pd.DataFrame:
                 "n_seeds": int(g["grid_n_seeds"]),
                 "subset": subset,
             }
-            for q in SUMMARISED:
-                for stat in ("mean_median", "mean_median_ci_low", "mean_median_ci_high", "seed_sd", "gain", "gain_ci_low", "gain_ci_high"):
-                    row[f"{q}_{stat}"] = float(s[f"grid_{stat}"].sel(quantity=q))
+            row |= _quantity_columns(
+                s, "grid", ("mean_median", "mean_median_ci_low", "mean_median_ci_high", "seed_sd", "gain", "gain_ci_low", "gain_ci_high")
+            )
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -9,7 +9,7 @@ with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
         spec=model_spec(settings["name"], settings["lam"], settings["dataset"], settings["model"], settings["train"]),
         dataset=settings["dataset"],
         train=settings["train"],
-        data_root=sm.params.data_root,
+        data_root=sm.config["data_root"],  # where the data lives: not a param, so moving it retrains nothing
         output=sm.output[0],
         resume_file=sm.params.resume_file,
         resume_key=sm.params.version,
