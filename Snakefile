@@ -1,8 +1,14 @@
 # Robustness vs. saliency-map alignment (Etmann et al., ICML 2019).
 # Run:  snakemake --cores all [--configfile config/<experiment>.yaml] [--config data_root=...]
+import sys
+
 from snakemake.utils import min_version
 
 min_version("9.0")
+
+# this checkout's package, not another copy an environment may hold (a non-editable install,
+# a second clone): its jobs run, and its source is fingerprinted, from workflow/ here
+sys.path.insert(0, f"{workflow.basedir}/workflow")
 
 
 # the default experiment, unless --configfile names another (which then stands alone

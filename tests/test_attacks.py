@@ -1,4 +1,4 @@
-"""The attack ensemble (SPEC §4): exact distances of an affine model, our own verification,
+"""The attack ensemble (docs/spec.md §4): exact distances of an affine model, our own verification,
 and one regression test per Foolbox 3.3.4 trap (each fails on Foolbox's behaviour)."""
 
 from __future__ import annotations
@@ -122,6 +122,32 @@ def test_a_claimed_success_on_an_unchanged_image_is_rejected() -> None:
     assert np.isnan(ds["perturbation_norm"].values).all()
     assert np.isnan(ds["adversarial"].values).all()
     assert ds.attrs["claimed_successes"] == 10 and ds.attrs["verified_successes"] == 0
+
+
+class RecordsTF32(nn.Module):
+    """The affine model, recording whether TF32 was allowed at each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = affine_model()
+        self.tf32: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.tf32.append(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+        return self.inner(x)
+
+
+def test_attacks_and_their_verification_run_without_tf32() -> None:
+    """On a GPU, cuDNN's default TF32 would find and verify adversarials under other
+    arithmetic than the full-float32 metrics; the flags are restored afterwards."""
+    model, before = RecordsTF32(), torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        run_attack(model, affine_images(4), WIDE, attack="DDNAttack", kwargs={"steps": 3}, device="cpu")
+        assert model.tf32 and not any(model.tf32)
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
 
 
 def test_verification_checks_bounds_and_recomputes_the_norm() -> None:

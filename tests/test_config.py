@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import yaml
 
-from saliency_robustness.config import MODEL_NAME_PATTERN, GridPoint, model_grid, model_name, validate_config
+from saliency_robustness.config import (
+    MODEL_NAME_PATTERN,
+    GridPoint,
+    code_fingerprint,
+    model_grid,
+    model_name,
+    stage_modules,
+    validate_config,
+)
 from saliency_robustness.errors import ConfigError
 
 from conftest import REPO
@@ -81,3 +90,22 @@ def test_seeds_make_the_grid_lambda_by_seed() -> None:
     assert "\n" not in str(info.value)
     validated = validate_config({"experiment": "x", "train": {"seeds": [3, 4]}})
     assert validate_config(validated) == validated  # validating twice changes nothing
+
+
+def test_stage_fingerprints_follow_the_imports_of_each_stage(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The modules a stage runs are derived from its script's imports: an edit to the saliency
+    module reruns no attack, an edit to the attacks reruns no training, and the metrics, which
+    import the attack ensemble inside a function, see both."""
+    from saliency_robustness import config as config_module
+
+    assert "saliency" not in stage_modules("attack") and "attacks" not in stage_modules("train")
+    assert {"metrics", "saliency", "attacks", "models"} <= stage_modules("metrics")
+    copy = tmp_path / "saliency_robustness"
+    shutil.copytree(config_module.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {stage: code_fingerprint(stage_modules(stage)) for stage in ("attack", "train", "metrics")}
+    monkeypatch.setattr(config_module, "PACKAGE_DIR", copy)
+    assert {stage: code_fingerprint(stage_modules(stage)) for stage in before} == before
+    (copy / "saliency.py").write_text((copy / "saliency.py").read_text() + "\n# an edit\n")
+    after = {stage: code_fingerprint(stage_modules(stage)) for stage in before}
+    assert after["attack"] == before["attack"] and after["train"] == before["train"]
+    assert after["metrics"] != before["metrics"]

@@ -173,7 +173,7 @@ def test_resnet_on_centered_input_is_torchvision_resnet_on_normalized_pixels(arc
 
 
 def test_resnet_logits_split_exactly_into_homogeneous_part_and_bias_sum() -> None:
-    """The std layer adds no bias: SPEC §2's decomposition holds for the whole model, with
+    """The std layer adds no bias: docs/spec.md §2's decomposition holds for the whole model, with
     batch-norm statistics that are not the identity."""
     from saliency_robustness.metrics import compute_metrics
 

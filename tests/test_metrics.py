@@ -1,4 +1,4 @@
-"""Every per-image quantity of SPEC §2 against known answers, and the metrics store."""
+"""Every per-image quantity of docs/spec.md §2 against known answers, and the metrics store."""
 
 from __future__ import annotations
 

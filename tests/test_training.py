@@ -1,4 +1,4 @@
-"""The gradient-norm regularizer (SPEC §3) and the training loop."""
+"""The gradient-norm regularizer (docs/spec.md §3) and the training loop."""
 
 from __future__ import annotations
 
@@ -207,3 +207,16 @@ def test_a_degenerate_model_is_saved_with_a_one_line_warning(tmp_path, data_root
     assert performance["majority_class_share"] >= 0.9 or performance["test_accuracy"] <= 0.2
     warnings = [r.getMessage() for r in caplog.records if "degenerate" in r.getMessage()]
     assert len(warnings) == 1 and "\n" not in warnings[0]
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5, 3.0])
+def test_a_zero_input_gradient_has_finite_parameter_gradients_for_any_power(p: float) -> None:
+    """||g||^p with p < 2 has an infinite derivative at g = 0; the penalty must stay finite."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    torch.nn.init.zeros_(model[1].weight)  # the logits do not depend on x: g = 0
+    x = torch.rand(5, 1, 4, 4, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    penalty = input_gradient_penalty(model(x), x, y, p=p)
+    penalty.mean().backward()
+    assert torch.isfinite(penalty).all()
+    assert all(torch.isfinite(param.grad).all() for param in model.parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -20,7 +21,9 @@ pytestmark = pytest.mark.workflow
 SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
 
 
-def snakemake(workdir: Path, configfile: Path, *args: str, data_root: Path | None) -> subprocess.CompletedProcess[str]:
+def snakemake(
+    workdir: Path, configfile: Path, *args: str, data_root: Path | None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Snakemake on ``configfile`` in ``workdir`` (``data_root=None``: the config's own)."""
     cmd = [
         sys.executable, "-m", "snakemake",
@@ -31,7 +34,7 @@ def snakemake(workdir: Path, configfile: Path, *args: str, data_root: Path | Non
         "--cores", "2",
         *args,
     ]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
 
 
 def planned_jobs(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
@@ -145,6 +148,17 @@ def test_a_misspelled_attack_stops_the_run_before_any_job(smoke_run, tmp_path) -
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: config key 'attacks.ensemble.DDN': unknown attack class 'DDNAttak' (known: " + errors[0].split("(known: ")[1]]
     assert "Traceback" not in result.stderr
+
+
+def test_the_snakefile_runs_its_own_checkouts_package(smoke_run, tmp_path) -> None:  # noqa: ANN001
+    """Another copy of the package first on the path (a second clone, a non-editable install)
+    is not what the workflow imports, runs or fingerprints."""
+    workdir, configfile, data_root = smoke_run
+    other = tmp_path / "other-copy" / "saliency_robustness"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("raise ImportError('the wrong copy of saliency_robustness')\n")
+    env = {**os.environ, "PYTHONPATH": str(other.parent)}
+    assert planned_jobs(snakemake(workdir, configfile, "-n", data_root=data_root, env=env)) == {}
 
 
 def test_changing_one_lambda_trains_only_that_model(smoke_run, tmp_path) -> None:  # noqa: ANN001

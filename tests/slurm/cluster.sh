@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # A real single-node SLURM from Debian's packages, for testing the cluster path.
-# Sourced by tests/slurm/run.sh; follows docs/SLURM.md of the shared notes.
+# Sourced by tests/slurm/run.sh: a single-node SLURM from Debian's packages (docs/cluster.md).
 #
 #   source tests/slurm/cluster.sh
 #   trap slurm_down EXIT      # always: stops only the daemons slurm_up started, by PID

@@ -7,6 +7,7 @@ from saliency_robustness.config import (
     export_package_path,
     fingerprint,
     model_grid,
+    stage_modules,
     validate_config,
 )
 from saliency_robustness.errors import ConfigError
@@ -51,18 +52,6 @@ wildcard_constraints:
     figure="|".join(FIGURES),
 
 
-# package modules each stage runs; their source is part of the stage's version
-STAGE_MODULES = {
-    "data": ["data", "stores"],
-    "train": ["training", "models", "data", "stores", "runtime"],
-    "saliency": ["saliency", "models", "data", "stores", "runtime"],
-    "attacks": ["attacks", "saliency", "models", "data", "stores", "runtime"],
-    "metrics": ["metrics", "saliency", "attacks", "models", "data", "stores", "runtime"],
-    "summary": ["summary", "stores"],
-    "figures": ["figures", "summary", "stores"],
-}
-
-
 def canonical(value):
     """Dicts with sorted keys, recursively: Snakemake compares params by their text, so
     reordering keys in a config file must not look like a change."""
@@ -73,9 +62,10 @@ def canonical(value):
     return value
 
 
-def stage_version(stage, **config_subset):
-    """Hash of a stage's code and config subset, passed as a param so changes rerun it."""
-    return fingerprint({"code": code_fingerprint(STAGE_MODULES[stage]), "config": config_subset})
+def stage_version(script, **config_subset):
+    """Hash of the package code that a stage's script runs (its imports, transitively) and of
+    its config subset, passed as a param so that exactly the changed stages rerun."""
+    return fingerprint({"code": code_fingerprint(stage_modules(script)), "config": config_subset})
 
 
 def dataset_identity():
@@ -143,7 +133,7 @@ def attack_settings(wildcards):
 
 
 def attack_version(wildcards):
-    return stage_version("attacks", **attack_settings(wildcards))
+    return stage_version("attack", **attack_settings(wildcards))
 
 
 def metrics_inputs(wildcards):

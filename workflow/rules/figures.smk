@@ -10,7 +10,7 @@ rule figure:
         pdf=f"{RESULTS}/figures/{{figure}}.pdf",
     params:
         options=canonical(config["figures"]),
-        version=stage_version("figures", **config["figures"]),
+        version=stage_version("figure", **config["figures"]),
     log:
         f"{LOGS}/figures/{{figure}}.log",
     threads: 1

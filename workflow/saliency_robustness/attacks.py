@@ -1,7 +1,7 @@
 """Robustness ``rho(x)``: minimum-norm L2 attacks (Foolbox 3.3.4), each result verified by our code.
 
 ``rho(x) = inf {||e|| : F(x + e) != F(x)}`` is the distance to the decision boundary of the
-model's *own* decision (SPEC §4), so the attack criterion is ``Misclassification`` with the
+model's *own* decision (docs/spec.md §4), so the attack criterion is ``Misclassification`` with the
 model's predictions as labels. Attacks only bound ``rho`` from above; every point they
 return is checked here (:func:`verify_adversarials`): the model's prediction must flip, the
 point must lie in the input bounds, and the norm is recomputed. A point that fails any
@@ -9,10 +9,10 @@ check is a failure for that image, whatever the attack claimed.
 
 Foolbox runs on pixels (``x + pixel_offset``, bounds ``pixel_bounds``) with the model
 wrapped as ``model(pixel - pixel_offset)``: a translation leaves L2 distances unchanged,
-and the adversarials are mapped back to the model's input space (SPEC §5).
+and the adversarials are mapped back to the model's input space (docs/spec.md §5).
 
 The registry :data:`ATTACKS` maps the class names used in the config to classes in which
-the Foolbox 3.3.4 traps of SPEC §4 are fixed:
+the Foolbox 3.3.4 traps of docs/spec.md §4 are fixed:
 
 - ``L2CarliniWagnerAttack`` -> :class:`GuardedL2CarliniWagnerAttack`: best-so-far starts at
   ``x``, not at the zero image (which is often misclassified, a fake success of norm ~||x||).
@@ -59,7 +59,7 @@ from foolbox.devutils import atleast_kd, flatten  # noqa: E402
 from saliency_robustness.data import InputSpace, eval_tensors  # noqa: E402
 from saliency_robustness.errors import ConfigError, StoreError, one_line  # noqa: E402
 from saliency_robustness.models import load_model  # noqa: E402
-from saliency_robustness.runtime import progress, resolve_device  # noqa: E402
+from saliency_robustness.runtime import full_precision, progress, resolve_device  # noqa: E402
 from saliency_robustness.stores import open_store, provenance, write_store  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class BoundarySearchL2DeepFoolAttack(fb.attacks.L2DeepFoolAttack):
         return restore_type(boundary_search(is_adversarial, x, ep.astensor(x_adv), self.boundary_search_steps))
 
 
-#: config class name -> attack class (with the Foolbox traps of SPEC §4 fixed)
+#: config class name -> attack class (with the Foolbox traps of docs/spec.md §4 fixed)
 ATTACKS: dict[str, Any] = {
     "L2DeepFoolAttack": BoundarySearchL2DeepFoolAttack,
     "L2CarliniWagnerAttack": GuardedL2CarliniWagnerAttack,
@@ -315,6 +315,9 @@ def atleast_kd_torch(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape(t.shape + (1,) * (ndim - t.ndim))
 
 
+# TF32 off: adversarials are found and verified under the full-float32 arithmetic of the
+# saliency maps and metrics (cuDNN's default TF32 would move the decision boundary slightly)
+@full_precision()
 def run_attack(
     model: nn.Module,
     images: torch.Tensor,

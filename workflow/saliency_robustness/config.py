@@ -7,6 +7,7 @@ runs as a Snakemake ``params`` entry, so that exactly the changed stages rerun
 
 from __future__ import annotations
 
+import ast
 import copy
 import hashlib
 import json
@@ -21,6 +22,7 @@ import yaml
 
 from saliency_robustness.errors import ConfigError, one_line
 
+PACKAGE = "saliency_robustness"
 PACKAGE_DIR = Path(__file__).resolve().parent
 # images per MNIST split: a subset larger than its split is a config error
 MNIST_SPLIT_SIZES = {"train": 60000, "test": 10000}
@@ -159,6 +161,38 @@ def fingerprint(value: Any) -> str:
     """Short stable hash of a JSON-serialisable value."""
     blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+SCRIPTS_DIR = PACKAGE_DIR.parent / "scripts"
+
+
+def _imported_modules(source: str) -> set[str]:
+    """Modules of this package that ``source`` imports anywhere (also inside functions)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + ([f"{node.module}.{a.name}" for a in node.names] if node.module == PACKAGE else [])
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == PACKAGE and len(parts) > 1 and (PACKAGE_DIR / f"{parts[1]}.py").is_file():
+                found.add(parts[1])
+    return found
+
+
+def stage_modules(script: str) -> set[str]:
+    """The package modules the stage entry point ``workflow/scripts/<script>.py`` runs: its
+    imports and theirs, transitively. Derived from the source, so it cannot drift."""
+    todo = sorted(_imported_modules((SCRIPTS_DIR / f"{script}.py").read_text()))
+    seen: set[str] = set()
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(_imported_modules((PACKAGE_DIR / f"{module}.py").read_text()) - seen)
+    return seen
 
 
 def code_fingerprint(modules: Iterable[str]) -> str:

@@ -1,6 +1,6 @@
 """Datasets, the model's input space, and the evaluation store ``data/eval.zarr``.
 
-All metrics and attacks live in one space: the tensor the model takes (SPEC §5).
+All metrics and attacks live in one space: the tensor the model takes (docs/spec.md §5).
 Images are stored in that space; ``pixel = x + pixel_offset`` maps them back to the
 pixel range, which is where the attack bounds come from. For MNIST the offset is 0; for
 natural images (an ImageNet-layout folder) it is the per-channel mean, as the authors fed

@@ -1,4 +1,4 @@
-"""Every per-image quantity of SPEC §2 (alignment, linearized robustness, the binarized logit,
+"""Every per-image quantity of docs/spec.md §2 (alignment, linearized robustness, the binarized logit,
 its homogeneous decomposition and the bound), in ``metrics/<model>.zarr``.
 
 Per batch, one forward pass builds the graph and ``n`` reverse passes on it give every logit's
@@ -9,7 +9,7 @@ MNIST images on one thread. One more reverse pass, of the binarized logit
 ``Psi† = Psi^{i*} - Psi^{j*}``, gives ``g†`` and the bias sum. The network computes in its
 own dtype (float32); every norm and inner product is reduced in float64.
 
-The bias sum checks the homogeneous decomposition (SPEC §2)
+The bias sum checks the homogeneous decomposition (docs/spec.md §2)
 ``Psi†(x) = <x, g†> + sum_b <b, dPsi†/db>``, which holds for networks of ReLU, max-pooling,
 linear, convolution and eval-mode batch-norm layers: each such network is positively
 homogeneous of degree one in (input, biases) jointly. The bias-like parameter of an eval-mode
@@ -192,7 +192,7 @@ def _norm(v: torch.Tensor) -> torch.Tensor:
 
 
 def _batch_metrics(model: nn.Module, x: torch.Tensor, probes: BiasProbes, class_chunk: int) -> dict[str, torch.Tensor]:
-    """Every quantity of SPEC §2 for one batch (one forward pass, n + 1 or n + 2 reverse passes)."""
+    """Every quantity of docs/spec.md §2 for one batch (one forward pass, n + 1 or n + 2 reverse passes)."""
     with probes.attached():
         logits = model(x)
     batch, n = logits.shape
@@ -278,7 +278,7 @@ def compute_metrics(
     class_chunk: int = 100,
     device: torch.device | str | None = None,
 ) -> xr.Dataset:
-    """Every per-image quantity of SPEC §2 (except ``robustness``, which needs attacks) for
+    """Every per-image quantity of docs/spec.md §2 (except ``robustness``, which needs attacks) for
     ``images`` in the model's input space (dims ``sample, channel, y, x``).
 
     The model runs in eval mode on ``device`` (default: the GPU when there is one). Memory is
@@ -348,7 +348,7 @@ def check_predictions(ds: xr.Dataset, saliency: xr.Dataset, saliency_store: str 
 
 
 def with_robustness(ds: xr.Dataset, attack_stores: Mapping[str, str | Path]) -> xr.Dataset:
-    """Merge in the attack ensemble's ``robustness`` (SPEC §4)."""
+    """Merge in the attack ensemble's ``robustness`` (docs/spec.md §4)."""
     from saliency_robustness.attacks import combine_attacks
 
     attacks = {name: open_store(path, ["perturbation_norm"]) for name, path in attack_stores.items()}
@@ -369,7 +369,7 @@ def metrics_stage(
     batch_size: int,
     class_chunk: int,
 ) -> None:
-    """Write ``metrics/<model>.zarr``: every quantity of SPEC §2 per evaluation image, ``label`` and
+    """Write ``metrics/<model>.zarr``: every quantity of docs/spec.md §2 per evaluation image, ``label`` and
     ``correct``, with ``robustness`` when attack stores are given."""
     eval_ds = open_store(eval_store, ["images", "label"])
     saliency = open_store(saliency_store, ["prediction", "logits"])

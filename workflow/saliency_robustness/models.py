@@ -3,7 +3,7 @@
 A trained model lives in ``models/<model>/`` as a plain ``state_dict`` (``model.pt``,
 loadable with ``torch.load(..., weights_only=True)``) beside ``spec.json``.
 
-Natural-image models take the centered image ``x = pixel - mean`` (SPEC §5); torchvision's
+Natural-image models take the centered image ``x = pixel - mean`` (docs/spec.md §5); torchvision's
 division by the per-channel std is their first layer (:class:`PerChannelScale`), so that
 alignment and attacks see the same input space. Initial (pretrained) weights are applied
 only when training starts (:func:`load_initial_weights`); trained models load from
@@ -29,7 +29,7 @@ SPEC = "spec.json"
 
 
 class MnistCNN(nn.Module):
-    """The authors' MNIST network (SPEC §3): three conv 3x3 + ReLU + max-pool blocks
+    """The authors' MNIST network (docs/spec.md §3): three conv 3x3 + ReLU + max-pool blocks
     (32, 64, 128 channels), dense 128 + ReLU, dropout 0.5, dense to the logits."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
@@ -69,7 +69,7 @@ def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn
 
 class PerChannelScale(nn.Module):
     """Multiplies channel ``c`` by ``scale[c]``: a linear layer without bias, so the model
-    stays positively homogeneous up to its own biases (the decomposition of SPEC §2)."""
+    stays positively homogeneous up to its own biases (the decomposition of docs/spec.md §2)."""
 
     def __init__(self, scale: Sequence[float]) -> None:
         super().__init__()

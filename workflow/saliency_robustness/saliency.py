@@ -1,8 +1,8 @@
-"""Saliency maps: the input gradient of the predicted-class logit (SPEC §2), in ``saliency/<model>.zarr``.
+"""Saliency maps: the input gradient of the predicted-class logit (docs/spec.md §2), in ``saliency/<model>.zarr``.
 
 The saliency of the paper is ``g = grad_x Psi^{i*}(x)`` with ``i* = F(x)`` the model's own
 prediction, not the gradient of the loss at the true label. It lives in the model's input
-space (SPEC §5), the space of the evaluation store's ``images``.
+space (docs/spec.md §5), the space of the evaluation store's ``images``.
 
 The helpers here (evaluation mode, batching, labelled variables, store bookkeeping) are
 shared with :mod:`saliency_robustness.metrics`.

@@ -1,4 +1,4 @@
-"""Local Lipschitz (gradient-norm, double-backprop) regularization and the training loop (SPEC §3).
+"""Local Lipschitz (gradient-norm, double-backprop) regularization and the training loop (docs/spec.md §3).
 
     loss = mean_k CE(x_k, y_k) + lambda * mean_k ||grad_{x_k} s(x_k, y_k)||_2^p
 
@@ -41,6 +41,9 @@ from saliency_robustness.stores import atomic_directory
 log = logging.getLogger(__name__)
 
 SENSITIVITIES = ("loss", "logit")
+# added to ||g||^2 before the power p/2 (p != 2), so that a zero input gradient has a finite
+# parameter gradient; far below any squared gradient norm that matters
+PENALTY_EPS = 1e-12
 LOG_COLUMNS = ("step", "epoch", "loss", "cross_entropy", "penalty", "accuracy", "learning_rate")
 
 
@@ -61,7 +64,10 @@ def input_gradient_penalty(
         raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, not {sensitivity!r}")
     (grad,) = torch.autograd.grad(s, x, create_graph=True)
     squared_norm = grad.flatten(1).pow(2).sum(dim=1)
-    return squared_norm if p == 2 else squared_norm.pow(p / 2)
+    if p == 2:
+        return squared_norm
+    # ||g||^p = (||g||^2)^(p/2) has an infinite derivative at g = 0 for p < 2: smooth it there
+    return (squared_norm + PENALTY_EPS).pow(p / 2)
 
 
 @dataclass
@@ -75,7 +81,7 @@ class LossTerms:
 def regularized_loss(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lam: float, sensitivity: str = "loss", p: float = 2.0
 ) -> LossTerms:
-    """The training objective of SPEC §3 without weight decay (the optimizer applies that).
+    """The training objective of docs/spec.md §3 without weight decay (the optimizer applies that).
 
     With ``lam == 0`` no input gradient is taken: the step is plain cross-entropy.
     """

@@ -1,4 +1,4 @@
-"""Every per-image quantity of SPEC section 2 for one model into metrics/<model>.zarr."""
+"""Every per-image quantity of docs/spec.md §2 for one model into metrics/<model>.zarr."""
 
 from saliency_robustness.metrics import metrics_stage
 from saliency_robustness.runtime import script_main
