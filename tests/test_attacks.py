@@ -7,16 +7,15 @@ import importlib.util
 import math
 from pathlib import Path
 
+import eagerpy as ep
+import foolbox as fb
 import numpy as np
 import pytest
 import torch
 import xarray as xr
 import yaml
-from torch import nn
-
-import eagerpy as ep
-import foolbox as fb
 from foolbox.attacks.base import MinimizationAttack
+from torch import nn
 
 from saliency_robustness.attacks import (
     ATTACKS,

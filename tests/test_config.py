@@ -8,6 +8,7 @@ import shutil
 import pytest
 import yaml
 
+from conftest import REPO
 from saliency_robustness.config import (
     MODEL_NAME_PATTERN,
     GridPoint,
@@ -18,8 +19,6 @@ from saliency_robustness.config import (
     validate_config,
 )
 from saliency_robustness.errors import ConfigError
-
-from conftest import REPO
 
 CONFIGS = sorted((REPO / "config").glob("*.yaml"))
 

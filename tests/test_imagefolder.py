@@ -19,6 +19,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
+from conftest import REPO
 from saliency_robustness.config import model_grid, validate_config
 from saliency_robustness.data import InputSpace, build_eval_dataset, open_split
 from saliency_robustness.errors import ConfigError, DataError
@@ -33,8 +34,6 @@ from saliency_robustness.models import (
     torchvision_weights,
 )
 from saliency_robustness.training import model_spec, train_stage
-
-from conftest import REPO
 from test_workflow import snakemake
 
 TEST_CONFIG = REPO / "config" / "imagefolder-test.yaml"

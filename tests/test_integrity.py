@@ -12,6 +12,7 @@ import pytest
 import torch
 import xarray as xr
 
+from conftest import REPO
 from saliency_robustness.attacks import check_ensemble
 from saliency_robustness.cli import main as cli_main
 from saliency_robustness.config import validate_config
@@ -19,8 +20,6 @@ from saliency_robustness.data import DEFAULT_DATA_ROOT, MNIST_FILES, load_mnist,
 from saliency_robustness.errors import ConfigError, DataError, PipelineError, StoreError
 from saliency_robustness.models import CHECKPOINT, load_model
 from saliency_robustness.stores import MANIFEST, atomic_directory, open_store, write_store
-
-from conftest import REPO
 
 
 def one_line(exc: BaseException) -> str:

@@ -238,7 +238,8 @@ def test_trends_are_spearman_across_healthy_models_with_intervals(experiment) ->
 def test_summary_is_reproducible(experiment, tmp_path) -> None:  # noqa: ANN001
     root, _ = experiment
     stacked = xr.open_zarr(root / "summary.zarr").load()
-    again = summarise(stacked[[v for v in stacked.data_vars if not str(v).startswith(("model_", "grid_", "trend_", "attack_failures"))]].drop_dims(["grid_point", "trend", "pair"], errors="ignore"), OPTIONS)
+    per_image = [v for v in stacked.data_vars if not str(v).startswith(("model_", "grid_", "trend_", "attack_failures", "in_subset"))]
+    again = summarise(stacked[per_image].drop_dims(["grid_point", "trend", "pair", "subset"], errors="ignore"), OPTIONS)
     for var in ("model_median_ci_low", "grid_mean_median_ci_high", "trend_spearman_ci_low"):
         np.testing.assert_array_equal(again[var].values, stacked[var].values)
 
@@ -273,3 +274,29 @@ def test_a_missing_or_corrupt_test_accuracy_is_a_one_line_store_error(tmp_path, 
     with pytest.raises(StoreError, match="cannot read the test accuracy") as info:
         read_test_accuracy(tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_the_central_figure_plots_the_stored_statistics(experiment) -> None:  # noqa: ANN001
+    """Diamonds at the grid points' mean medians, dots at the healthy models' medians, a cross
+    at the degenerate model: read back from the drawn figure, against summary.zarr."""
+    import matplotlib.pyplot as plt
+
+    root, models = experiment
+    summary = xr.open_zarr(root / "summary.zarr").load()
+    fig = FIGURES["alignment_vs_robustness"](summary, options={"subset": "all"})
+    ax = fig.axes[0]
+
+    def points(marker: str) -> list[tuple[float, float]]:
+        return sorted(
+            (float(x), float(y)) for line in ax.lines if line.get_marker() == marker for x, y in zip(line.get_xdata(), line.get_ydata())
+        )
+
+    grid = summary["grid_mean_median"].sel(subset="all")
+    np.testing.assert_allclose(points("D"), sorted(zip(grid.sel(quantity="robustness").values, grid.sel(quantity="alignment").values)))
+    medians = summary["model_median"].sel(subset="all")
+    healthy = [m for m in models if m != DEGENERATE]
+    expected = sorted(zip(medians.sel(model=healthy, quantity="robustness").values, medians.sel(model=healthy, quantity="alignment").values))
+    np.testing.assert_allclose(points("o"), expected)
+    cross = medians.sel(model=DEGENERATE)
+    np.testing.assert_allclose(points("x"), [(float(cross.sel(quantity="robustness")), float(cross.sel(quantity="alignment")))])
+    plt.close(fig)

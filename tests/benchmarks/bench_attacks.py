@@ -161,7 +161,10 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(speed_rows))
     print(f"\nEnsemble against {args.factor}x the steps of every attack (target: ratio of medians <= 1.02)\n")
-    print(f"| model | median rho | median rho ({args.factor}x) | ratio of medians | median ratio | 90th pct ratio | seconds | seconds ({args.factor}x) |")
+    print(
+        f"| model | median rho | median rho ({args.factor}x) | ratio of medians | median ratio | 90th pct ratio "
+        f"| seconds | seconds ({args.factor}x) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(tightness_rows))
 

@@ -80,6 +80,11 @@ class GuardedL2CarliniWagnerAttack(fb.attacks.L2CarliniWagnerAttack):
     adversarial is found it returns the all-zero image, which is often misclassified and so
     looks like a success of norm about ``||x||``. Starting at ``x`` makes such an image an
     honest failure (``x`` is never adversarial). The rest is Foolbox's ``run`` unchanged.
+
+    Borrowed code: :meth:`run` is a copy of ``L2CarliniWagnerAttack.run`` from
+    ``foolbox/attacks/carlini_wagner.py`` of Foolbox 3.3.4 (https://github.com/bethgelab/foolbox,
+    MIT License, Copyright (c) 2020 Jonas Rauber et al.), with one line changed: the
+    initialisation of ``best_advs`` (marked below).
     """
 
     def run(
@@ -223,6 +228,9 @@ class BoundarySearchL2DeepFoolAttack(fb.attacks.L2DeepFoolAttack):
         is_adversarial = get_is_adversarial(get_criterion(criterion), model)
         return restore_type(boundary_search(is_adversarial, x, ep.astensor(x_adv), self.boundary_search_steps))
 
+
+# the unit of every norm: the model's input space (docs/spec.md §5)
+DISTANCE = "input-space L2 distance"
 
 #: config class name -> attack class (with the Foolbox traps of docs/spec.md §4 fixed)
 ATTACKS: dict[str, Any] = {
@@ -438,7 +446,7 @@ def attack_dataset(
         "perturbation_norm": (
             ("sample",),
             norms,
-            {"long_name": f"verified L2 norm of the {name} adversarial (NaN where none verified)", "units": "1"},
+            {"long_name": f"verified L2 norm of the {name} adversarial (NaN where none verified)", "units": DISTANCE},
         ),
         "success": (("sample",), success, {"long_name": "adversarial verified by our code", "units": "1"}),
         "claimed_success": (("sample",), claimed, {"long_name": "success claimed by the attack (Foolbox)", "units": "1"}),
@@ -573,10 +581,24 @@ def attack_stage(
         if starts.shape != tuple(images.shape):
             raise StoreError(f"starting points of shape {starts.shape} do not match the {tuple(images.shape)} evaluation images")
         starting_points = torch.from_numpy(starts)
-        log.info("refining from %d verified starting points (median norm %.4g)", int(np.isfinite(start_norms).sum()), float(np.nanmedian(start_norms)) if np.isfinite(start_norms).any() else math.nan)
+        log.info(
+            "refining from %d verified starting points (median norm %.4g)",
+            int(np.isfinite(start_norms).sum()),
+            float(np.nanmedian(start_norms)) if np.isfinite(start_norms).any() else math.nan,
+        )
     elif settings["attack"] in NEEDS_STARTING_POINTS:
-        raise ConfigError(f"attack {settings['name']} ({settings['attack']}) needs refine: true (it starts from other attacks' adversarials)")
-    log.info("attack %s (%s %s) on %s, %d images, batch %d", settings["name"], settings["attack"], dict(settings.get("kwargs", {})), device, len(images), settings["batch_size"])
+        raise ConfigError(
+            f"attack {settings['name']} ({settings['attack']}) needs refine: true (it starts from other attacks' adversarials)"
+        )
+    log.info(
+        "attack %s (%s %s) on %s, %d images, batch %d",
+        settings["name"],
+        settings["attack"],
+        dict(settings.get("kwargs", {})),
+        device,
+        len(images),
+        settings["batch_size"],
+    )
     result = run_attack(
         model,
         images,
@@ -657,7 +679,7 @@ def combine_attacks(datasets: Mapping[str, xr.Dataset]) -> xr.Dataset:
                 robustness,
                 {
                     "long_name": "robustness rho(x): smallest verified adversarial L2 norm over the attacks (NaN where none)",
-                    "units": "1",
+                    "units": DISTANCE,
                     "attack_failures": failures,
                 },
             ),
@@ -669,7 +691,7 @@ def combine_attacks(datasets: Mapping[str, xr.Dataset]) -> xr.Dataset:
             "attack_perturbation_norm": (
                 norms.transpose("sample", "attack").dims,
                 values,
-                {"long_name": "each attack's verified adversarial L2 norm (NaN where none)", "units": "1"},
+                {"long_name": "each attack's verified adversarial L2 norm (NaN where none)", "units": DISTANCE},
             ),
         },
         coords={"sample": norms["sample"].values, "attack": names},

@@ -144,12 +144,16 @@ def _median_plot(ax: plt.Axes, models: pd.DataFrame, grid: pd.DataFrame, x: str,
             ax.plot(row[f"{x}_median"], row[f"{y}_median"], "x", color=color, ms=8, mew=2, zorder=4)
             continue
         _errorbar(ax, row, row, x, y, STATS, fmt="o", color=color, ms=4 if replicated else 7, alpha=0.6 if replicated else 1, capsize=2, zorder=3)
-    line = grid if replicated else models[~models["degenerate"]].rename(columns=lambda c: c.replace("_median", "_mean_median") if c.endswith(("_median", "_median_ci_low", "_median_ci_high")) else c)
+    # the line joins grid points; with one seed each, it joins the models themselves
+    line = grid if replicated else models[~models["degenerate"]].rename(columns=lambda c: c.replace("_median", "_mean_median"))
     ax.plot(line[f"{x}_mean_median"], line[f"{y}_mean_median"], color="0.6", lw=1, zorder=1)
     if replicated:
         for _, row in grid.iterrows():
             _errorbar(ax, row, row, x, y, GRID_STATS, fmt="D", color=palette[row["label"]], ms=9, mec="k", capsize=3, lw=2, zorder=5)
-    handles = [plt.Line2D([], [], marker="D" if replicated else "o", ls="", color=c, mec="k" if replicated else c, label=l) for l, c in palette.items()]
+    handles = [
+        plt.Line2D([], [], marker="D" if replicated else "o", ls="", color=color, mec="k" if replicated else color, label=label)
+        for label, color in palette.items()
+    ]
     if replicated:
         handles.append(plt.Line2D([], [], marker="o", ls="", color="0.5", alpha=0.6, ms=4, label="one seed"))
     if models["degenerate"].any():
@@ -214,7 +218,8 @@ def _against_lambda(ax: plt.Axes, models: pd.DataFrame, grid: pd.DataFrame, quan
         _errorbar(ax, rows["lam"], rows, "", quantity, STATS, fmt="o", ms=4, alpha=0.6, capsize=2, label=f"seed {seed}")
     ax.plot(degenerate["lam"], degenerate[f"{quantity}_median"], "x", color="0.2", ms=8, mew=2, label="degenerate" if len(degenerate) else None)
     ax.plot(grid["lam"], grid[f"{quantity}_mean_median"], color="k", lw=1.5, label="mean over seeds")
-    ax.fill_between(grid["lam"], grid[f"{quantity}_mean_median_ci_low"], grid[f"{quantity}_mean_median_ci_high"], color="k", alpha=0.15, label="its CI")
+    low, high = grid[f"{quantity}_mean_median_ci_low"], grid[f"{quantity}_mean_median_ci_high"]
+    ax.fill_between(grid["lam"], low, high, color="k", alpha=0.15, label="its CI")
     _symlog_lambda(ax, models["lam"])
     ax.set_ylabel(f"median {LABELS[quantity]}")
     ax.legend(fontsize="x-small")

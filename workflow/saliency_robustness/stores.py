@@ -15,7 +15,7 @@ import subprocess
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ def provenance(config: Mapping[str, Any] | None = None, **extra: Any) -> dict[st
         "package": "saliency-robustness",
         "package_version": package_version(),
         "git_commit": git_commit(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if config is not None:
         attrs["config"] = json.dumps(config, sort_keys=True, default=str)

@@ -334,7 +334,10 @@ def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datase
         "gain_ci_high": f"upper end of the gain's {level} CI (paired images, seeds resampled)",
     }
     ds = xr.Dataset(
-        {f"grid_{name}": (("grid_point", "subset", "quantity"), v, {"long_name": long_names[name], "units": "unit of the quantity"}) for name, v in stats.items()},
+        {
+            f"grid_{name}": (("grid_point", "subset", "quantity"), v, {"long_name": long_names[name], "units": "unit of the quantity"})
+            for name, v in stats.items()
+        },
         coords={"grid_point": list(points), "subset": list(SUBSETS), "quantity": list(SUMMARISED)},
     )
     ds = ds.assign_coords(grid_lam=("grid_point", [lam[p] for p in points], {"long_name": "lambda of the grid point", "units": "1"}))
