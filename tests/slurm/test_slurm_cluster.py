@@ -24,6 +24,7 @@ import yaml
 
 from conftest import REPO
 from saliency_robustness.config import model_grid, validate_config
+from saliency_robustness.figures import FIGURES
 from saliency_robustness.stores import open_store
 from test_workflow import planned_jobs
 
@@ -215,7 +216,7 @@ def test_cancelled_job_fails_the_run_and_leaves_no_half_written_output(cancelled
 def test_cluster_run_gives_the_local_numbers(cluster_run, local_done, workdirs) -> None:  # noqa: ANN001
     cluster_root, local_root = results(workdirs["cluster"]), results(workdirs["local"])
     assert (cluster_root / "summary.csv").is_file()
-    assert len(list((cluster_root / "figures").glob("*.pdf"))) == 7
+    assert len(list((cluster_root / "figures").glob("*.pdf"))) == len(FIGURES)
     # every job went through sbatch: the plugin keeps each job's SLURM log (test profile),
     # and the cancelled model was trained twice
     slurm_logs = workdirs["cluster"] / ".snakemake" / "slurm_logs"
@@ -236,4 +237,4 @@ def test_losing_a_checkpoint_plans_only_that_model(cluster_run, workdirs, data_r
     print(f"planned after deleting models/{MODELS[0]}: {planned}", file=sys.stderr)
     n_attacks = len(SMOKE.get("attacks", {}).get("ensemble", {}))
     per_model = {"train": 1, "saliency": 1, "metrics": 1, **({"attack": n_attacks} if n_attacks else {})}
-    assert planned == {**per_model, "summary": 1, "figure": 7}, planned
+    assert planned == {**per_model, "summary": 1, "figure": len(FIGURES)}, planned
