@@ -261,7 +261,7 @@ def test_every_figure_is_drawn_as_png_and_pdf(experiment, figure: str) -> None: 
         eval_store=root / "eval.zarr",
         saliency_stores=[root / "saliency" / f"{m}.zarr" for m in models],
         outputs=outputs,
-        options={"gallery_samples": 6, "dpi": 60},
+        options={"gallery_samples": 6, "dpi": 60, "subset": "all"},
     )
     assert outputs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert outputs[1].read_bytes()[:5] == b"%PDF-"

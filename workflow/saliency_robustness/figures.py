@@ -95,8 +95,7 @@ def trend_text(summary: xr.Dataset, subset: str, trend: str) -> str:
     value, low, high = (float(t[v]) for v in ("trend_spearman", "trend_spearman_ci_low", "trend_spearman_ci_high"))
     if not np.isfinite(value):
         return f"{trend}: too few models for a rank correlation"
-    level = json.loads(summary.attrs.get("config", "{}")).get("confidence_level", 0.95)
-    return f"{trend}: Spearman {value:.2f} [{low:.2f}, {high:.2f}] ({level:.0%} CI, {int(t['trend_n_models'])} models)"
+    return f"{trend}: Spearman {value:.2f} [{low:.2f}, {high:.2f}] ({_level(summary)} CI, {int(t['trend_n_models'])} models)"
 
 
 def footer(fig: plt.Figure, summary: xr.Dataset, subset: str) -> None:
@@ -164,7 +163,7 @@ def _median_plot(ax: plt.Axes, models: pd.DataFrame, grid: pd.DataFrame, x: str,
 
 
 def _frames(summary: xr.Dataset, options: Mapping[str, Any]) -> tuple[str, pd.DataFrame, pd.DataFrame]:
-    subset = options.get("subset", "all")
+    subset = options["subset"]
     return subset, model_frame(summary, subset), grid_frame(summary, subset)
 
 
@@ -245,7 +244,7 @@ def accuracy_robustness_vs_lambda(summary: xr.Dataset, *, options: Mapping[str, 
 
 
 def alignment_vs_robustness_per_image(summary: xr.Dataset, *, options: Mapping[str, Any], **_: Any) -> plt.Figure:
-    subset = options.get("subset", "all")
+    subset = options["subset"]
     frame = summary[["alignment", "robustness", "lam", "seed", "setting"]].where(summary["in_subset"].sel(subset=subset))
     frame = frame.to_dataframe().reset_index().dropna(subset=["alignment", "robustness"])
     frame = frame.assign(grid_point=frame["setting"].astype(str).map(display_label)).sort_values(["lam", "seed", "sample"])
@@ -436,7 +435,7 @@ def figure_stage(
         extra["eval_ds"] = open_store(eval_store, ["images", "label"])
         stores = [open_store(p, ["saliency"]) for p in saliency_stores]
         extra["saliency"] = {Path(p).name.removesuffix(".zarr"): ds for p, ds in zip(saliency_stores, stores)}
-    check_plottable(summary, figure, options.get("subset", "all"))
+    check_plottable(summary, figure, options["subset"])
     try:
         fig = FIGURES[figure](summary, **extra)
     except (ValueError, KeyError, TypeError) as exc:  # e.g. seaborn on an empty frame
