@@ -79,7 +79,8 @@ def experiment(tmp_path_factory):  # noqa: ANN001, ANN201
         spec = ModelSpec(name=model, architecture="mnist_cnn", lam=lam, seed=seed, training={"seed": seed, "epochs": 1})
         (d / "spec.json").write_text(spec.to_json())
         accuracy = 0.1 if model == DEGENERATE else 0.99 - lam
-        (d / "test_accuracy.json").write_text(json.dumps({"test_accuracy": accuracy}))
+        share = 0.95 if model == DEGENERATE else 0.12
+        (d / "test_accuracy.json").write_text(json.dumps({"test_accuracy": accuracy, "majority_class_share": share}))
         metrics_paths.append(root / "metrics" / f"{model}.zarr")
         model_dirs.append(d)
         saliency = xr.Dataset({"saliency": (("sample", "channel", "y", "x"), np.random.default_rng(i).normal(size=(N, 1, 8, 8)))})
@@ -267,7 +268,7 @@ def test_every_figure_is_drawn_as_png_and_pdf(experiment, figure: str) -> None: 
     assert outputs[1].read_bytes()[:5] == b"%PDF-"
 
 
-@pytest.mark.parametrize("content", [None, "{not json", '{"accuracy": 0.9}'])
+@pytest.mark.parametrize("content", [None, "{not json", '{"accuracy": 0.9}', '{"test_accuracy": 0.9}'])
 def test_a_missing_or_corrupt_test_accuracy_is_a_one_line_store_error(tmp_path, content) -> None:  # noqa: ANN001
     if content is not None:
         (tmp_path / "test_accuracy.json").write_text(content)

@@ -56,7 +56,7 @@ from foolbox.attacks.carlini_wagner import _to_attack_space, _to_model_space, be
 from foolbox.attacks.gradient_descent_base import AdamOptimizer  # noqa: E402
 from foolbox.devutils import atleast_kd, flatten  # noqa: E402
 
-from saliency_robustness.data import InputSpace, eval_tensors  # noqa: E402
+from saliency_robustness.data import DISTANCE, InputSpace, eval_tensors  # noqa: E402
 from saliency_robustness.errors import ConfigError, StoreError, one_line  # noqa: E402
 from saliency_robustness.models import load_model  # noqa: E402
 from saliency_robustness.runtime import full_precision, progress, resolve_device  # noqa: E402
@@ -228,9 +228,6 @@ class BoundarySearchL2DeepFoolAttack(fb.attacks.L2DeepFoolAttack):
         is_adversarial = get_is_adversarial(get_criterion(criterion), model)
         return restore_type(boundary_search(is_adversarial, x, ep.astensor(x_adv), self.boundary_search_steps))
 
-
-# the unit of every norm: the model's input space (docs/spec.md §5)
-DISTANCE = "input-space L2 distance"
 
 #: config class name -> attack class (with the Foolbox traps of docs/spec.md §4 fixed)
 ATTACKS: dict[str, Any] = {

@@ -53,6 +53,8 @@ class InputSpace:
 
 
 MNIST_INPUT_SPACE = InputSpace(pixel_offset=(0.0,))
+# the unit of every distance, norm and alignment: L2 in the model's input space (docs/spec.md §5)
+DISTANCE = "input-space L2 distance"
 
 
 # the schema's default data root: the project's own download folder, created when needed;

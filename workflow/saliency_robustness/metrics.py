@@ -28,6 +28,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from saliency_robustness.data import DISTANCE
 from saliency_robustness.errors import PipelineError, StoreError, one_line
 from saliency_robustness.models import PerChannelScale, load_model
 from saliency_robustness.runtime import resolve_device
@@ -46,7 +47,6 @@ from saliency_robustness.stores import open_store, write_store
 
 log = logging.getLogger(__name__)
 
-DISTANCE = "input-space L2 distance"
 LOGIT = "logit"
 
 # layers that add a per-channel bias to a linear map of their input

@@ -5,7 +5,8 @@ Three levels of statistics, each with a percentile-bootstrap confidence interval
 
 - per model: the median of each quantity over the evaluation images, with its CI;
 - per grid point (every training setting but the seed): the mean over replicate seeds of the
-  per-model medians, with a CI that resamples seeds and, within each seed's model, images;
+  per-model medians, with a CI that resamples seeds and images (one image draw for every
+  model: all models are evaluated on the same images);
 - across models: Spearman correlations of median alignment with median robustness and of
   lambda with median robustness (and alignment), resampled the same way.
 
@@ -55,7 +56,6 @@ CORRELATED = (("alignment", "robustness"), ("linearized_robustness", "robustness
 # across-model trends: Spearman of the first against the second, one point per model
 TRENDS = (("alignment", "robustness"), ("lam", "robustness"), ("lam", "alignment"))
 SUBSETS = ("all", "correct")
-DISTANCE = "input-space L2 distance"
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ def setting_label(spec: ModelSpec) -> str:
 
 
 def stack_models(
-    metrics: Mapping[str, xr.Dataset], specs: Mapping[str, ModelSpec], test_accuracy: Mapping[str, float]
+    metrics: Mapping[str, xr.Dataset], specs: Mapping[str, ModelSpec], performance: Mapping[str, tuple[float, float]]
 ) -> xr.Dataset:
     """Concatenate per-model metrics along a new ``model`` dim, ordered by (lambda, seed), with
     the training options, the grid point and the degenerate flag as per-model variables."""
@@ -181,19 +181,17 @@ def stack_models(
     )
     for name, first in metrics[names[0]].data_vars.items():
         stacked[name].attrs = dict(first.attrs)
-    majority = []
-    for m in names:
-        prediction = np.asarray(metrics[m]["prediction"].values)
-        majority.append(float(np.bincount(prediction).max() / prediction.size) if prediction.size else np.nan)
-    reasons = [degenerate_reason(test_accuracy[m], share, specs[m].num_classes) or "" for m, share in zip(names, majority)]
+    accuracy, majority = ([performance[m][k] for m in names] for k in (0, 1))
+    # the train stage's verdict, from the same whole-test-set numbers its warning used
+    reasons = [degenerate_reason(a, share, specs[m].num_classes) or "" for m, a, share in zip(names, accuracy, majority)]
     per_model = {
-        "test_accuracy": (list(test_accuracy[m] for m in names), "clean accuracy on the whole test set", "1"),
+        "test_accuracy": (accuracy, "clean accuracy on the whole test set", "1"),
         "eval_accuracy": (
             [float(metrics[m]["correct"].mean()) for m in names],
             "clean accuracy on the evaluation images",
             "1",
         ),
-        "majority_class_share": (majority, "share of evaluation images predicted as the most frequent class", "1"),
+        "majority_class_share": (majority, "share of test images predicted as the most frequent class", "1"),
         "degenerate": ([bool(r) for r in reasons], "degenerate model (left out of the across-model statistics)", "1"),
         "degenerate_reason": (reasons, "why the model counts as degenerate (empty: it does not)", ""),
     }
@@ -276,6 +274,11 @@ def model_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
     return ds
 
 
+def healthy_models(stacked: xr.Dataset) -> list[str]:
+    """The models that are not degenerate: those the grid-point and trend statistics use."""
+    return [str(m) for m, bad in zip(stacked["model"].values, stacked["degenerate"].values) if not bad]
+
+
 def _grid_points(stacked: xr.Dataset, healthy: Sequence[str]) -> dict[str, list[str]]:
     """Grid-point label -> its non-degenerate models, in model order."""
     points: dict[str, list[str]] = {}
@@ -300,7 +303,7 @@ def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datase
     """Per grid point and subset: mean over seeds of the per-model medians, with a CI that
     resamples seeds and images, the spread (standard deviation) of the medians over seeds,
     and the gain over the first grid point (smallest lambda) with its paired CI."""
-    healthy = [str(m) for m, bad in zip(stacked["model"].values, stacked["degenerate"].values) if not bad]
+    healthy = healthy_models(stacked)
     points = _grid_points(stacked, healthy)
     lam = {str(label): float(lam) for label, lam in zip(stacked["setting"].values, stacked["lam"].values)}
     shape = (len(points), len(SUBSETS), len(SUMMARISED))
@@ -360,7 +363,7 @@ def trend_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
     """Across non-degenerate models, per subset: Spearman of median alignment with median
     robustness and of lambda with median robustness (and alignment), one point per model,
     with CIs that resample images (paired across models) and seeds within grid points."""
-    healthy = [str(m) for m, bad in zip(stacked["model"].values, stacked["degenerate"].values) if not bad]
+    healthy = healthy_models(stacked)
     points = [models for models in _grid_points(stacked, healthy).values() if models]
     models = [m for group in points for m in group]
     groups, start = [], 0
@@ -386,8 +389,6 @@ def trend_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
         },
         coords={"subset": list(SUBSETS), "trend": [f"median {x} ~ median {y}".replace("median lam", "lambda") for x, y in TRENDS]},
     )
-    excluded = [str(m) for m, bad in zip(stacked["model"].values, stacked["degenerate"].values) if bad]
-    ds.attrs["excluded_degenerate_models"] = json.dumps(excluded)
     return ds
 
 
@@ -454,11 +455,13 @@ def trend_table(summary: xr.Dataset) -> pd.DataFrame:
     return frame.rename(columns=lambda c: c.removeprefix("trend_"))
 
 
-def read_test_accuracy(model_dir: str | Path) -> float:
-    """The clean test accuracy the train stage wrote to ``models/<model>/test_accuracy.json``."""
+def read_test_accuracy(model_dir: str | Path) -> tuple[float, float]:
+    """The clean test accuracy and the majority-class share of the test predictions that the
+    train stage wrote to ``models/<model>/test_accuracy.json`` (what its degenerate warning used)."""
     path = Path(model_dir) / "test_accuracy.json"
     try:
-        return float(json.loads(path.read_text())["test_accuracy"])
+        performance = json.loads(path.read_text())
+        return float(performance["test_accuracy"]), float(performance["majority_class_share"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StoreError(f"cannot read the test accuracy {path} ({one_line(exc)}); delete {model_dir} and rerun") from None
 
@@ -475,7 +478,7 @@ def summarise(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
         {"n_resamples": options.n_resamples, "confidence_level": options.confidence_level, "seed": options.seed},
         models=[str(m) for m in stacked["model"].values],
         title="all models stacked along model, with per-model, per-grid-point and across-model statistics",
-        excluded_degenerate_models=[str(m) for m, bad in zip(stacked["model"].values, stacked["degenerate"].values) if bad],
+        excluded_degenerate_models=[str(m) for m in stacked["model"].values if str(m) not in healthy_models(stacked)],
     )
     return summary
 
@@ -501,8 +504,8 @@ def summary_stage(
     (``summary_grid.csv``) and across models (``summary_trends.csv``)."""
     metrics = {m: open_store(p).load() for m, p in zip(models, metrics_stores)}
     specs = {m: load_spec(d) for m, d in zip(models, model_dirs)}
-    accuracy = {m: read_test_accuracy(d) for m, d in zip(models, model_dirs)}
-    stacked = stack_models(metrics, specs, accuracy)
+    performance = {m: read_test_accuracy(d) for m, d in zip(models, model_dirs)}
+    stacked = stack_models(metrics, specs, performance)
     for model, reason in zip(stacked["model"].values, stacked["degenerate_reason"].values):
         if reason:
             log.warning("model %s is degenerate (%s): shown, flagged, left out of the across-model statistics", model, reason)
