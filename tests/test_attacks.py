@@ -13,26 +13,17 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-import yaml
 from foolbox.attacks.base import MinimizationAttack
 from torch import nn
 
-from saliency_robustness.attacks import (
-    ATTACKS,
-    CorrectedL2FMNAttack,
-    GuardedL2CarliniWagnerAttack,
-    attack_stage,
-    best_adversarials,
-    combine_attacks,
-    make_attack,
-    run_attack,
-    run_ensemble,
-    smallest_verified,
-    verify_adversarials,
-)
+from saliency_robustness.config import load_config
 from saliency_robustness.data import InputSpace, eval_dataset
+from saliency_robustness.ensemble import best_adversarials, make_attack, run_attack, run_ensemble, verify_adversarials
 from saliency_robustness.errors import ConfigError
+from saliency_robustness.foolbox_fixes import ATTACKS, CorrectedL2FMNAttack, GuardedL2CarliniWagnerAttack
 from saliency_robustness.models import ModelSpec, build_model, save_model
+from saliency_robustness.robustness import combine_attacks, smallest_verified
+from saliency_robustness.stages.attacks import attack_stage
 from saliency_robustness.stores import open_store, write_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +59,7 @@ def exact_robustness(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 
 
 def config_ensemble(config: str = "config/config.yaml") -> dict[str, dict]:
-    return yaml.safe_load((REPO / config).read_text())["attacks"]["ensemble"]
+    return load_config(REPO / config)["attacks"]["ensemble"]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from conftest import REPO
 from saliency_robustness.config import model_grid, validate_config
 from saliency_robustness.data import InputSpace, build_eval_dataset, open_split
 from saliency_robustness.errors import ConfigError, DataError
-from saliency_robustness.figures import FIGURES
 from saliency_robustness.models import (
     CHECKPOINT,
     IMAGENET_STD,
@@ -33,7 +32,8 @@ from saliency_robustness.models import (
     load_model,
     torchvision_weights,
 )
-from saliency_robustness.training import model_spec, train_stage
+from saliency_robustness.stages.figures import FIGURES
+from saliency_robustness.stages.training import model_spec, train_stage
 from test_workflow import snakemake
 
 TEST_CONFIG = REPO / "config" / "imagefolder-test.yaml"
@@ -174,7 +174,7 @@ def test_resnet_on_centered_input_is_torchvision_resnet_on_normalized_pixels(arc
 def test_resnet_logits_split_exactly_into_homogeneous_part_and_bias_sum() -> None:
     """The std layer adds no bias: docs/spec.md §2's decomposition holds for the whole model, with
     batch-norm statistics that are not the identity."""
-    from saliency_robustness.metrics import compute_metrics
+    from saliency_robustness.stages.metrics import compute_metrics
 
     model = build_model(resnet_spec()).eval()
     generator = torch.Generator().manual_seed(0)
@@ -279,7 +279,7 @@ def test_folder_with_other_class_count_than_the_model_is_rejected(folder_root: P
 TRAIN_IN_SUBPROCESS = """
 import json, sys, torch
 from saliency_robustness.runtime import configure_logging
-from saliency_robustness.training import model_spec, train_stage
+from saliency_robustness.stages.training import model_spec, train_stage
 torch.set_num_threads(1)
 configure_logging()
 s = json.loads(sys.argv[1])

@@ -13,10 +13,10 @@ import torch
 import xarray as xr
 
 from conftest import REPO
-from saliency_robustness.attacks import check_ensemble
 from saliency_robustness.cli import main as cli_main
 from saliency_robustness.config import validate_config
 from saliency_robustness.data import DEFAULT_DATA_ROOT, MNIST_FILES, load_mnist, seeded_subset
+from saliency_robustness.ensemble import check_ensemble
 from saliency_robustness.errors import ConfigError, DataError, PipelineError, StoreError
 from saliency_robustness.models import CHECKPOINT, load_model
 from saliency_robustness.stores import MANIFEST, atomic_directory, open_store, write_store
@@ -188,8 +188,9 @@ def test_bad_config_found_at_start_up(config: dict, says: str) -> None:
     ],
 )
 def test_every_attack_is_built_at_start_up(ensemble: dict, says: str) -> None:
+    validated = validate_config({"experiment": "x", "attacks": {"ensemble": ensemble}})["attacks"]["ensemble"]
     with pytest.raises(ConfigError) as info:
-        check_ensemble(ensemble)
+        check_ensemble(validated)
     assert says in one_line(info.value)
 
 
@@ -204,8 +205,8 @@ def test_the_shipped_ensembles_build() -> None:
 
 
 def test_a_figure_with_no_finite_value_is_one_line_naming_model_and_variable(tmp_path: Path) -> None:
-    from saliency_robustness.figures import check_plottable
-    from saliency_robustness.summary import SUBSETS, SUMMARISED
+    from saliency_robustness.stages.figures import check_plottable
+    from saliency_robustness.stages.summary import SUBSETS, SUMMARISED
 
     summary = xr.Dataset(
         {

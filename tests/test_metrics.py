@@ -11,9 +11,9 @@ import xarray as xr
 from torch import nn
 
 from saliency_robustness.errors import PipelineError, StoreError
-from saliency_robustness.metrics import METRICS, compute_metrics, metrics_stage
 from saliency_robustness.models import resnet_small
-from saliency_robustness.saliency import saliency_stage
+from saliency_robustness.stages.metrics import METRICS, compute_metrics, metrics_stage
+from saliency_robustness.stages.saliency import saliency_stage
 from saliency_robustness.stores import open_store, write_store
 
 SHAPE = (1, 4, 4)

@@ -11,7 +11,7 @@ import xarray as xr
 from torch import nn
 
 from saliency_robustness.models import load_model
-from saliency_robustness.saliency import compute_saliency, saliency_stage
+from saliency_robustness.stages.saliency import compute_saliency, saliency_stage
 
 
 def smooth_model() -> nn.Module:

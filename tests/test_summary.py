@@ -13,10 +13,9 @@ from scipy.stats import spearmanr
 
 from saliency_robustness.data import MNIST_INPUT_SPACE, eval_dataset
 from saliency_robustness.errors import StoreError
-from saliency_robustness.figures import FIGURES, figure_stage
 from saliency_robustness.models import ModelSpec, degenerate_reason
-from saliency_robustness.stores import write_store
-from saliency_robustness.summary import (
+from saliency_robustness.stages.figures import FIGURES, FigureInputs, figure_stage
+from saliency_robustness.stages.summary import (
     SUBSETS,
     SUMMARISED,
     BootstrapOptions,
@@ -26,6 +25,7 @@ from saliency_robustness.summary import (
     summarise,
     summary_stage,
 )
+from saliency_robustness.stores import write_store
 
 LAMBDAS = [0.0, 0.01, 0.1]
 SEEDS = [0, 1]
@@ -284,7 +284,7 @@ def test_the_central_figure_plots_the_stored_statistics(experiment) -> None:  # 
 
     root, models = experiment
     summary = xr.open_zarr(root / "summary.zarr").load()
-    fig = FIGURES["alignment_vs_robustness"](summary, options={"subset": "all"})
+    fig = FIGURES["alignment_vs_robustness"](FigureInputs(summary, {"subset": "all"}))
     ax = fig.axes[0]
 
     def points(marker: str) -> list[tuple[float, float]]:

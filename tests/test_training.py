@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 from saliency_robustness.config import validate_config
 from saliency_robustness.errors import TrainingDiverged
 from saliency_robustness.models import CHECKPOINT, load_model
-from saliency_robustness.training import (
+from saliency_robustness.stages.training import (
     epoch_loader,
     epoch_seed,
     fit,
@@ -201,7 +201,7 @@ def test_nan_loss_stops_training_and_leaves_no_checkpoint(tmp_path, data_root) -
 
 def test_a_degenerate_model_is_saved_with_a_one_line_warning(tmp_path, data_root, caplog) -> None:  # noqa: ANN001
     """lr = 100 diverges without a NaN: the model collapses to one class (it is kept, and flagged)."""
-    with caplog.at_level(logging.WARNING, logger="saliency_robustness.training"):
+    with caplog.at_level(logging.WARNING, logger="saliency_robustness.stages.training"):
         out = run_train_stage(tmp_path, data_root, 0.0, optimizer="sgd", learning_rate=100.0)
     performance = json.loads((out / "test_accuracy.json").read_text())
     assert performance["majority_class_share"] >= 0.9 or performance["test_accuracy"] <= 0.2

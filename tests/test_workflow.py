@@ -15,7 +15,7 @@ import yaml
 
 from conftest import REPO
 from saliency_robustness.config import model_grid, validate_config
-from saliency_robustness.figures import FIGURES
+from saliency_robustness.stages.figures import FIGURES
 
 pytestmark = pytest.mark.workflow
 SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
@@ -159,6 +159,39 @@ def test_the_snakefile_runs_its_own_checkouts_package(smoke_run, tmp_path) -> No
     (other / "__init__.py").write_text("raise ImportError('the wrong copy of saliency_robustness')\n")
     env = {**os.environ, "PYTHONPATH": str(other.parent)}
     assert planned_jobs(snakemake(workdir, configfile, "-n", data_root=data_root, env=env)) == {}
+
+
+def test_editing_a_module_reruns_only_the_stages_that_import_it(smoke_run, tmp_path) -> None:  # noqa: ANN001
+    """A copy of the checkout plans nothing until one of its modules is edited; then exactly
+    the stages that import it (and what follows them) are planned."""
+    workdir, configfile, data_root = smoke_run
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    shutil.copy(REPO / "Snakefile", checkout / "Snakefile")
+    for folder in ("workflow", "envs"):
+        shutil.copytree(REPO / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    package = checkout / "workflow" / "saliency_robustness"
+
+    def plan() -> dict[str, int]:
+        cmd = [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(checkout / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(configfile), "--config", f"data_root={data_root}", "--cores", "1"]  # fmt: skip
+        return planned_jobs(subprocess.run(cmd, capture_output=True, text=True, timeout=600))
+
+    def plan_after_editing(module: str) -> dict[str, int]:
+        path = package / module
+        source = path.read_text()
+        path.write_text(source + "\n# an edit\n")
+        try:
+            return plan()
+        finally:
+            path.write_text(source)
+
+    n_models = len(SMOKE["train"]["lambdas"])
+    assert plan() == {}  # the same code elsewhere is the same code
+    saliency = plan_after_editing("stages/saliency.py")
+    assert saliency.get("attack", 0) == 0 and saliency.get("train", 0) == 0 and saliency["saliency"] == n_models
+    fixes = plan_after_editing("foolbox_fixes.py")
+    assert fixes.get("train", 0) == 0 and fixes.get("saliency", 0) == 0 and fixes["attack"] == n_models * len(SMOKE["attacks"]["ensemble"])
 
 
 def test_changing_one_lambda_trains_only_that_model(smoke_run, tmp_path) -> None:  # noqa: ANN001

@@ -32,14 +32,15 @@ import numpy as np
 import torch
 import xarray as xr
 
-os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # foolbox imports git
 
-from saliency_robustness.attacks import combine_attacks, run_ensemble  # noqa: E402
 from saliency_robustness.config import load_config, model_grid  # noqa: E402
 from saliency_robustness.data import InputSpace, build_eval_dataset, eval_tensors  # noqa: E402
+from saliency_robustness.ensemble import run_ensemble  # noqa: E402
 from saliency_robustness.models import load_model  # noqa: E402
+from saliency_robustness.robustness import combine_attacks  # noqa: E402
+from saliency_robustness.stages.training import model_spec, train_stage  # noqa: E402
 from saliency_robustness.stores import open_store  # noqa: E402
-from saliency_robustness.training import model_spec, train_stage  # noqa: E402
 
 
 def longer_budget(ensemble: Mapping[str, Mapping[str, Any]], factor: int) -> dict[str, dict[str, Any]]:

@@ -21,7 +21,7 @@ import torch
 
 from saliency_robustness.models import ModelSpec, build_model
 from saliency_robustness.runtime import full_precision, resolve_device
-from saliency_robustness.training import freeze_batchnorm, make_optimizer, regularized_loss
+from saliency_robustness.stages.training import freeze_batchnorm, make_optimizer, regularized_loss
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from saliency_robustness.data import load_mnist
-from saliency_robustness.metrics import compute_metrics
 from saliency_robustness.models import MnistCNN
 from saliency_robustness.runtime import resolve_device
-from saliency_robustness.saliency import compute_saliency
+from saliency_robustness.stages.metrics import compute_metrics
+from saliency_robustness.stages.saliency import compute_saliency
 
 
 def floor_loop(model: nn.Module, images: torch.Tensor, batch_size: int) -> None:

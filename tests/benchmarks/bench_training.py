@@ -18,7 +18,7 @@ import torch
 from saliency_robustness.config import load_config
 from saliency_robustness.data import open_split, seeded_subset
 from saliency_robustness.models import build_model
-from saliency_robustness.training import fit, model_spec
+from saliency_robustness.stages.training import fit, model_spec
 
 
 def main() -> None:

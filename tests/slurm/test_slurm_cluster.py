@@ -24,7 +24,7 @@ import yaml
 
 from conftest import REPO
 from saliency_robustness.config import model_grid, validate_config
-from saliency_robustness.figures import FIGURES
+from saliency_robustness.stages.figures import FIGURES
 from saliency_robustness.stores import open_store
 from test_workflow import planned_jobs
 

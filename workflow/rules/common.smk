@@ -11,12 +11,13 @@ from saliency_robustness.config import (
     validate_config,
 )
 from saliency_robustness.errors import ConfigError
+from saliency_robustness.stages import figures
 
 try:
     _validated = validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
     MODELS = model_grid(_validated)
     if workflow.is_main_process:  # once per run, not in every job: building attacks imports torch
-        from saliency_robustness.attacks import check_ensemble
+        from saliency_robustness.ensemble import check_ensemble
 
         check_ensemble(_validated["attacks"]["ensemble"])
 except ConfigError as error:
@@ -34,16 +35,7 @@ LOGS = f"{RESULTS}/logs"
 ATTACKS = config["attacks"]["ensemble"]  # name -> {attack, kwargs, refine}
 ATTACK_NAMES = sorted(ATTACKS)  # sorted: the config's key order must not look like a change
 BASE_ATTACKS = [name for name in ATTACK_NAMES if not ATTACKS[name]["refine"]]
-FIGURES = [
-    "saliency_gallery",
-    "alignment_vs_robustness",
-    "linearized_vs_robustness",
-    "homogeneity_vs_robustness",
-    "accuracy_robustness_vs_lambda",
-    "alignment_vs_robustness_per_image",
-    "bound_decomposition",
-    "decomposition_terms",
-]
+FIGURES = list(figures.FIGURES)
 
 
 wildcard_constraints:

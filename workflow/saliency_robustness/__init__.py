@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 # imported on first use, so that parsing the Snakefile (which imports the config module)
 # does not pay for torch
 _LAZY = {
-    "compute_metrics": "saliency_robustness.metrics",
-    "compute_saliency": "saliency_robustness.saliency",
+    "compute_metrics": "saliency_robustness.stages.metrics",
+    "compute_saliency": "saliency_robustness.stages.saliency",
     "load_model": "saliency_robustness.models",
 }
 

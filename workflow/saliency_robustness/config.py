@@ -166,20 +166,43 @@ def fingerprint(value: Any) -> str:
 SCRIPTS_DIR = PACKAGE_DIR.parent / "scripts"
 
 
+def module_file(module: str) -> Path | None:
+    """The source file of ``module`` (dotted, relative to the package: ``"stages.attacks"``),
+    or None when it is not a module of this package."""
+    base = PACKAGE_DIR.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
 def _imported_modules(source: str) -> set[str]:
-    """Modules of this package that ``source`` imports anywhere (also inside functions)."""
+    """Modules of this package (dotted, relative to it) that ``source`` imports anywhere,
+    also inside functions; importing ``stages.x`` also runs ``stages/__init__.py``."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         names: list[str] = []
         if isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + ([f"{node.module}.{a.name}" for a in node.names] if node.module == PACKAGE else [])
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         for name in names:
             parts = name.split(".")
-            if parts[0] == PACKAGE and len(parts) > 1 and (PACKAGE_DIR / f"{parts[1]}.py").is_file():
-                found.add(parts[1])
+            if parts[0] != PACKAGE:
+                continue
+            for end in range(2, len(parts) + 1):
+                module = ".".join(parts[1:end])
+                if module_file(module) is not None:
+                    found.add(module)
     return found
+
+
+def imported_modules(module: str) -> set[str]:
+    """The package modules that ``module`` imports directly."""
+    path = module_file(module)
+    if path is None:
+        raise ValueError(f"{module!r} is not a module of {PACKAGE}")
+    return _imported_modules(path.read_text())
 
 
 def stage_modules(script: str) -> set[str]:
@@ -191,16 +214,19 @@ def stage_modules(script: str) -> set[str]:
         module = todo.pop()
         if module not in seen:
             seen.add(module)
-            todo.extend(_imported_modules((PACKAGE_DIR / f"{module}.py").read_text()) - seen)
+            todo.extend(imported_modules(module) - seen)
     return seen
 
 
 def code_fingerprint(modules: Iterable[str]) -> str:
-    """Hash of the source of the named modules of this package (e.g. ``["training", "models"]``)."""
+    """Hash of the source of the named modules of this package (e.g. ``["stages.training", "models"]``)."""
     digest = hashlib.sha256()
     for module in sorted(set(modules)):
+        path = module_file(module)
+        if path is None:
+            raise ValueError(f"{module!r} is not a module of {PACKAGE}")
         digest.update(module.encode())
-        digest.update((PACKAGE_DIR / f"{module}.py").read_bytes())
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -1,7 +1,7 @@
 """One attack on one model into attacks/<model>/<attack>.zarr."""
 
-from saliency_robustness.attacks import attack_stage
 from saliency_robustness.runtime import script_main
+from saliency_robustness.stages.attacks import attack_stage
 
 with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
     attack_stage(

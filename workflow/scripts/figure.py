@@ -1,7 +1,7 @@
 """Draw one figure (PNG and PDF)."""
 
-from saliency_robustness.figures import figure_stage
 from saliency_robustness.runtime import script_main
+from saliency_robustness.stages.figures import figure_stage
 
 with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
     figure_stage(

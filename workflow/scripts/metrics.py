@@ -1,7 +1,7 @@
 """Every per-image quantity of docs/spec.md §2 for one model into metrics/<model>.zarr."""
 
-from saliency_robustness.metrics import metrics_stage
 from saliency_robustness.runtime import script_main
+from saliency_robustness.stages.metrics import metrics_stage
 
 with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
     metrics_stage(

@@ -1,7 +1,7 @@
 """Saliency maps of one model into saliency/<model>.zarr."""
 
 from saliency_robustness.runtime import script_main
-from saliency_robustness.saliency import saliency_stage
+from saliency_robustness.stages.saliency import saliency_stage
 
 with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
     saliency_stage(

@@ -1,7 +1,7 @@
 """Stack every model's metrics into summary.zarr and summary.csv."""
 
 from saliency_robustness.runtime import script_main
-from saliency_robustness.summary import BootstrapOptions, summary_stage
+from saliency_robustness.stages.summary import BootstrapOptions, summary_stage
 
 with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
     summary_stage(

@@ -1,7 +1,7 @@
 """Train one model of the grid into models/<model>/."""
 
 from saliency_robustness.runtime import script_main
-from saliency_robustness.training import model_spec, train_stage
+from saliency_robustness.stages.training import model_spec, train_stage
 
 with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
     settings = sm.params.settings

@@ -295,9 +295,9 @@ def model_spec(name: str, lam: float, dataset: Mapping[str, Any], model: Mapping
         num_classes=model["num_classes"],
         in_channels=model["in_channels"],
         image_size=model["image_size"],
-        architecture_options=dict(model.get("options", {})),
+        architecture_options=dict(model["options"]),
         training={**shared, "dataset": dict(dataset)},
-        weights=model.get("weights"),
+        weights=model["weights"],
     )
 
 

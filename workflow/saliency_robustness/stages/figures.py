@@ -13,35 +13,63 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import xarray as xr
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-import xarray as xr  # noqa: E402
-
-from saliency_robustness.errors import PipelineError, one_line  # noqa: E402
-from saliency_robustness.stores import open_store  # noqa: E402
+from saliency_robustness.errors import PipelineError, one_line
+from saliency_robustness.stores import open_store
 
 log = logging.getLogger(__name__)
 
-DISTANCE = "input-space L2"
-LABELS = {
-    "robustness": f"robustness ρ(x) ({DISTANCE})",
-    "alignment": f"alignment α(x) ({DISTANCE})",
-    "alignment_cosine": "alignment |cos∠(x, g)| (unitless)",
-    "linearized_robustness": f"linearized robustness ρ̃(x) ({DISTANCE})",
-    "homogeneity": "homogeneity ⟨x, g†⟩ / Ψ†(x) (unitless)",
-    "homogeneous_term": f"homogeneous term ⟨x, ḡ†⟩ ({DISTANCE})",
-    "bias_term_signed": f"signed bias term β†/‖g†‖ ({DISTANCE})",
+#: axis names of the quantities drawn; their units are read from the summary store
+NAMES = {
+    "robustness": "robustness ρ(x)",
+    "alignment": "alignment α(x)",
+    "alignment_cosine": "alignment |cos∠(x, g)|",
+    "linearized_robustness": "linearized robustness ρ̃(x)",
+    "homogeneity": "homogeneity ⟨x, g†⟩ / Ψ†(x)",
+    "homogeneous_term": "homogeneous term ⟨x, ḡ†⟩",
+    "bias_term_signed": "signed bias term β†/‖g†‖",
 }
 STATS = ("median", "median_ci_low", "median_ci_high")
 GRID_STATS = ("mean_median", "mean_median_ci_low", "mean_median_ci_high")
+
+
+@dataclass(frozen=True)
+class FigureInputs:
+    """What a figure draws from: the summary store and the figure options, and for the
+    gallery the evaluation images and the saliency stores by model name."""
+
+    summary: xr.Dataset
+    options: Mapping[str, Any]
+    eval_ds: xr.Dataset | None = None
+    saliency: Mapping[str, xr.Dataset] = field(default_factory=dict)
+
+    @property
+    def subset(self) -> str:
+        return str(self.options["subset"])
+
+    def models(self) -> pd.DataFrame:
+        return model_frame(self.summary, self.subset)
+
+    def grid(self) -> pd.DataFrame:
+        return grid_frame(self.summary, self.subset)
+
+    def label(self, quantity: str) -> str:
+        """``quantity``'s axis name with the units the summary store gives it."""
+        units = self.summary[quantity].attrs.get("units", "1")
+        return f"{NAMES[quantity]} ({'unitless' if units == '1' else units})"
+
+    def distance_units(self) -> str:
+        return str(self.summary["robustness"].attrs.get("units", "distance"))
 
 
 def display_label(grid_point: str) -> str:
@@ -132,7 +160,7 @@ def _errorbar(ax: plt.Axes, x: pd.Series, y: pd.Series, xs: str, ys: str, stats:
     )
 
 
-def _median_plot(ax: plt.Axes, models: pd.DataFrame, grid: pd.DataFrame, x: str, y: str) -> None:
+def _median_plot(ax: plt.Axes, inputs: FigureInputs, models: pd.DataFrame, grid: pd.DataFrame, x: str, y: str) -> None:
     """Median of ``y`` against median of ``x``: one small point per model with its CIs, one
     diamond per grid point (mean over seeds, CI over seeds and images) joined in lambda order."""
     palette = _palette(grid)
@@ -158,21 +186,16 @@ def _median_plot(ax: plt.Axes, models: pd.DataFrame, grid: pd.DataFrame, x: str,
     if models["degenerate"].any():
         handles.append(plt.Line2D([], [], marker="x", ls="", color="0.3", mew=2, label="degenerate"))
     ax.legend(handles=handles, title="grid point (mean over seeds)" if replicated else "model", fontsize="small", title_fontsize="small")
-    ax.set_xlabel(f"median {LABELS[x]}")
-    ax.set_ylabel(f"median {LABELS[y]}")
+    ax.set_xlabel(f"median {inputs.label(x)}")
+    ax.set_ylabel(f"median {inputs.label(y)}")
 
 
-def _frames(summary: xr.Dataset, options: Mapping[str, Any]) -> tuple[str, pd.DataFrame, pd.DataFrame]:
-    subset = options["subset"]
-    return subset, model_frame(summary, subset), grid_frame(summary, subset)
-
-
-def alignment_vs_robustness(summary: xr.Dataset, *, options: Mapping[str, Any], **_: Any) -> plt.Figure:
-    subset, models, grid = _frames(summary, options)
+def alignment_vs_robustness(inputs: FigureInputs) -> plt.Figure:
+    summary, subset, models, grid = inputs.summary, inputs.subset, inputs.models(), inputs.grid()
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
-    _median_plot(axes[0], models, grid, "robustness", "alignment")
+    _median_plot(axes[0], inputs, models, grid, "robustness", "alignment")
     axes[0].set_title("Alignment against robustness", fontsize="medium")
-    _median_plot(axes[1], models, grid, "robustness", "alignment_cosine")
+    _median_plot(axes[1], inputs, models, grid, "robustness", "alignment_cosine")
     axes[1].set_title("Cosine version (alignment / ||x||)", fontsize="medium")
     axes[1].get_legend().remove()
     fig.suptitle(trend_text(summary, subset, "median alignment ~ median robustness"), fontsize="small")
@@ -180,23 +203,23 @@ def alignment_vs_robustness(summary: xr.Dataset, *, options: Mapping[str, Any], 
     return fig
 
 
-def linearized_vs_robustness(summary: xr.Dataset, *, options: Mapping[str, Any], **_: Any) -> plt.Figure:
-    subset, models, grid = _frames(summary, options)
+def linearized_vs_robustness(inputs: FigureInputs) -> plt.Figure:
+    summary, subset, models, grid = inputs.summary, inputs.subset, inputs.models(), inputs.grid()
     fig, ax = plt.subplots(figsize=(6.5, 5.5), layout="constrained")
     hi = np.nanmax(models[["robustness_median_ci_high", "linearized_robustness_median_ci_high"]].to_numpy())
     lo = np.nanmin(models[["robustness_median_ci_low", "linearized_robustness_median_ci_low"]].to_numpy())
     ax.plot([lo, hi], [lo, hi], ls="--", color="0.4", lw=1, zorder=0)
-    _median_plot(ax, models, grid, "robustness", "linearized_robustness")
+    _median_plot(ax, inputs, models, grid, "robustness", "linearized_robustness")
     ax.legend(handles=[*ax.get_legend().legend_handles, plt.Line2D([], [], ls="--", color="0.4", label="identity ρ̃ = ρ")], fontsize="small")
     ax.set_title("Linearized robustness against robustness", fontsize="medium")
     footer(fig, summary, subset)
     return fig
 
 
-def homogeneity_vs_robustness(summary: xr.Dataset, *, options: Mapping[str, Any], **_: Any) -> plt.Figure:
-    subset, models, grid = _frames(summary, options)
+def homogeneity_vs_robustness(inputs: FigureInputs) -> plt.Figure:
+    summary, subset, models, grid = inputs.summary, inputs.subset, inputs.models(), inputs.grid()
     fig, ax = plt.subplots(figsize=(6.5, 5.5), layout="constrained")
-    _median_plot(ax, models, grid, "robustness", "homogeneity")
+    _median_plot(ax, inputs, models, grid, "robustness", "homogeneity")
     ax.set_title("Fraction of the binarized logit that is homogeneous", fontsize="medium")
     footer(fig, summary, subset)
     return fig
@@ -210,7 +233,7 @@ def _symlog_lambda(ax: plt.Axes, lam: pd.Series) -> None:
     ax.set_xlabel("regularization strength λ (per example; symlog axis)")
 
 
-def _against_lambda(ax: plt.Axes, models: pd.DataFrame, grid: pd.DataFrame, quantity: str) -> None:
+def _against_lambda(ax: plt.Axes, inputs: FigureInputs, models: pd.DataFrame, grid: pd.DataFrame, quantity: str) -> None:
     """Per-seed medians with CIs (small points) and the mean over seeds with its CI (band)."""
     healthy, degenerate = models[~models["degenerate"]], models[models["degenerate"]]
     for seed, rows in healthy.groupby("seed"):
@@ -220,20 +243,20 @@ def _against_lambda(ax: plt.Axes, models: pd.DataFrame, grid: pd.DataFrame, quan
     low, high = grid[f"{quantity}_mean_median_ci_low"], grid[f"{quantity}_mean_median_ci_high"]
     ax.fill_between(grid["lam"], low, high, color="k", alpha=0.15, label="its CI")
     _symlog_lambda(ax, models["lam"])
-    ax.set_ylabel(f"median {LABELS[quantity]}")
+    ax.set_ylabel(f"median {inputs.label(quantity)}")
     ax.legend(fontsize="x-small")
 
 
-def accuracy_robustness_vs_lambda(summary: xr.Dataset, *, options: Mapping[str, Any], **_: Any) -> plt.Figure:
-    subset, models, grid = _frames(summary, options)
+def accuracy_robustness_vs_lambda(inputs: FigureInputs) -> plt.Figure:
+    summary, subset, models, grid = inputs.summary, inputs.subset, inputs.models(), inputs.grid()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), layout="constrained")
     sns.lineplot(data=models, x="lam", y="test_accuracy", hue="seed", marker="o", palette="tab10", ax=axes[0], legend="brief")
     axes[0].set_ylabel("clean test accuracy (fraction)")
     axes[0].set_title("Accuracy", fontsize="medium")
     _symlog_lambda(axes[0], models["lam"])
-    _against_lambda(axes[1], models, grid, "robustness")
+    _against_lambda(axes[1], inputs, models, grid, "robustness")
     axes[1].set_title("Robustness", fontsize="medium")
-    _against_lambda(axes[2], models, grid, "alignment")
+    _against_lambda(axes[2], inputs, models, grid, "alignment")
     axes[2].set_title("Alignment", fontsize="medium")
     fig.suptitle(
         trend_text(summary, subset, "lambda ~ median robustness") + "\n" + trend_text(summary, subset, "lambda ~ median alignment"),
@@ -243,8 +266,8 @@ def accuracy_robustness_vs_lambda(summary: xr.Dataset, *, options: Mapping[str, 
     return fig
 
 
-def alignment_vs_robustness_per_image(summary: xr.Dataset, *, options: Mapping[str, Any], **_: Any) -> plt.Figure:
-    subset = options["subset"]
+def alignment_vs_robustness_per_image(inputs: FigureInputs) -> plt.Figure:
+    summary, subset = inputs.summary, inputs.subset
     frame = summary[["alignment", "robustness", "lam", "seed", "setting"]].where(summary["in_subset"].sel(subset=subset))
     frame = frame.to_dataframe().reset_index().dropna(subset=["alignment", "robustness"])
     frame = frame.assign(grid_point=frame["setting"].astype(str).map(display_label)).sort_values(["lam", "seed", "sample"])
@@ -270,16 +293,16 @@ def alignment_vs_robustness_per_image(summary: xr.Dataset, *, options: Mapping[s
         ax.set(xlim=(0, lim), ylim=(0, lim))
     grid.set_titles("{col_name}")
     # the long labels go once on the figure, not under every facet
-    grid.set_axis_labels("ρ(x)", LABELS["alignment"].removeprefix("alignment "))
-    grid.figure.supxlabel(LABELS["robustness"])
+    grid.set_axis_labels("ρ(x)", inputs.label("alignment").removeprefix("alignment "))
+    grid.figure.supxlabel(inputs.label("robustness"))
     grid.figure.suptitle("Per-image alignment against robustness (dashed: α = ρ)")
     grid.figure.tight_layout()
     footer(grid.figure, summary, subset)
     return grid.figure
 
 
-def bound_decomposition(summary: xr.Dataset, *, options: Mapping[str, Any], **_: Any) -> plt.Figure:
-    subset, _, grid = _frames(summary, options)
+def bound_decomposition(inputs: FigureInputs) -> plt.Figure:
+    summary, subset, grid = inputs.summary, inputs.subset, inputs.grid()
     terms = {"alignment": "alignment α", "bound_angle_term": "angle term ||x||·||ḡ† − ḡ||", "bound_bias_term": "bias term |β†|/||g†||"}
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(grid)), 5), layout="constrained")
     bottom = np.zeros(len(grid))
@@ -298,7 +321,7 @@ def bound_decomposition(summary: xr.Dataset, *, options: Mapping[str, Any], **_:
         capsize=4,
         label="median linearized robustness ρ̃ (CI)",
     )
-    ax.set_ylabel(f"{DISTANCE} distance (mean over seeds of per-model medians)")
+    ax.set_ylabel(f"{inputs.distance_units()} (mean over seeds of per-model medians)")
     ax.set_xlabel("grid point")
     ax.set_title("The bound ρ̃ ≤ α + angle term + bias term, per grid point", fontsize="medium")
     ax.legend(fontsize="small")
@@ -306,9 +329,9 @@ def bound_decomposition(summary: xr.Dataset, *, options: Mapping[str, Any], **_:
     return fig
 
 
-def decomposition_terms(summary: xr.Dataset, *, options: Mapping[str, Any], **_: Any) -> plt.Figure:
+def decomposition_terms(inputs: FigureInputs) -> plt.Figure:
     """ρ̃ = ⟨x, ḡ†⟩ + β†/‖g†‖ per image: how the homogeneous and the signed bias term move with λ."""
-    subset, _, grid = _frames(summary, options)
+    summary, subset, grid = inputs.summary, inputs.subset, inputs.grid()
     fig, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
     shown = {
         "linearized_robustness": ("k", "linearized robustness ρ̃"),
@@ -320,7 +343,7 @@ def decomposition_terms(summary: xr.Dataset, *, options: Mapping[str, Any], **_:
         ax.fill_between(grid["lam"], grid[f"{quantity}_mean_median_ci_low"], grid[f"{quantity}_mean_median_ci_high"], color=color, alpha=0.2)
     ax.axhline(0, color="0.5", lw=0.8)
     _symlog_lambda(ax, grid["lam"])
-    ax.set_ylabel(f"{DISTANCE} distance (mean over seeds of per-model medians)")
+    ax.set_ylabel(f"{inputs.distance_units()} (mean over seeds of per-model medians)")
     ax.set_title("ρ̃ = homogeneous term + signed bias term (per image)", fontsize="medium")
     ax.legend(fontsize="small")
     footer(fig, summary, subset)
@@ -344,9 +367,7 @@ def _show_image(ax: plt.Axes, image: np.ndarray) -> None:
         ax.imshow(np.clip(np.moveaxis(image, 0, -1), 0, 1))
 
 
-def saliency_gallery(
-    summary: xr.Dataset, *, eval_ds: xr.Dataset, saliency: Mapping[str, xr.Dataset], options: Mapping[str, Any], **_: Any
-) -> plt.Figure:
+def saliency_gallery(inputs: FigureInputs) -> plt.Figure:
     """Test images on top; below, one row per grid point (ordered by lambda) of the saliency
     maps of one of its models (the first seed that is not degenerate).
 
@@ -354,7 +375,10 @@ def saliency_gallery(
     with a diverging colormap symmetric around 0. RGB maps get a signed row (sum over
     channels) and a magnitude row (norm over channels).
     """
-    samples = _gallery_samples(eval_ds["label"].values, options["gallery_samples"])
+    summary, eval_ds, saliency = inputs.summary, inputs.eval_ds, inputs.saliency
+    if eval_ds is None:
+        raise ValueError("the saliency gallery needs the evaluation images")
+    samples = _gallery_samples(eval_ds["label"].values, inputs.options["gallery_samples"])
     offset = np.asarray(eval_ds.attrs["pixel_offset"], dtype=np.float32).reshape(-1, 1, 1)
     pixels = eval_ds["images"].isel(sample=samples).values + offset
     # one model per grid point (its first non-degenerate seed), ordered by lambda
@@ -396,7 +420,8 @@ def saliency_gallery(
     return fig
 
 
-FIGURES: dict[str, Callable[..., plt.Figure]] = {
+#: every figure the workflow draws, by name (the Snakefile's list of figures is this one)
+FIGURES: dict[str, Callable[[FigureInputs], plt.Figure]] = {
     "saliency_gallery": saliency_gallery,
     "alignment_vs_robustness": alignment_vs_robustness,
     "linearized_vs_robustness": linearized_vs_robustness,
@@ -428,16 +453,16 @@ def figure_stage(
     options: Mapping[str, Any],
 ) -> None:
     """Draw ``figure`` from the summary (and, for the gallery, the images and saliency maps)."""
+    matplotlib.use("Agg")  # files only, also where a display is set
     sns.set_theme(context="notebook", style="whitegrid")
     summary = open_store(summary_store).load()
-    extra: dict[str, Any] = {"options": options}
+    inputs = FigureInputs(summary, options)
     if figure == "saliency_gallery":
-        extra["eval_ds"] = open_store(eval_store, ["images", "label"])
-        stores = [open_store(p, ["saliency"]) for p in saliency_stores]
-        extra["saliency"] = {Path(p).name.removesuffix(".zarr"): ds for p, ds in zip(saliency_stores, stores)}
-    check_plottable(summary, figure, options["subset"])
+        stores = {Path(p).name.removesuffix(".zarr"): open_store(p, ["saliency"]) for p in saliency_stores}
+        inputs = FigureInputs(summary, options, open_store(eval_store, ["images", "label"]), stores)
+    check_plottable(summary, figure, inputs.subset)
     try:
-        fig = FIGURES[figure](summary, **extra)
+        fig = FIGURES[figure](inputs)
     except (ValueError, KeyError, TypeError) as exc:  # e.g. seaborn on an empty frame
         raise PipelineError(f"figure {figure} could not be drawn from {summary_store}: {one_line(exc)}") from None
     save_figure(fig, outputs, options["dpi"])

@@ -30,9 +30,7 @@ from torch import nn
 
 from saliency_robustness.data import DISTANCE
 from saliency_robustness.errors import PipelineError, StoreError, one_line
-from saliency_robustness.models import PerChannelScale, load_model
-from saliency_robustness.runtime import resolve_device
-from saliency_robustness.saliency import (
+from saliency_robustness.evaluation import (
     Images,
     batch_slices,
     evaluation_mode,
@@ -43,6 +41,9 @@ from saliency_robustness.saliency import (
     variable,
     with_eval_labels,
 )
+from saliency_robustness.models import PerChannelScale, load_model
+from saliency_robustness.robustness import combine_attacks
+from saliency_robustness.runtime import resolve_device
 from saliency_robustness.stores import open_store, write_store
 
 log = logging.getLogger(__name__)
@@ -349,8 +350,6 @@ def check_predictions(ds: xr.Dataset, saliency: xr.Dataset, saliency_store: str 
 
 def with_robustness(ds: xr.Dataset, attack_stores: Mapping[str, str | Path]) -> xr.Dataset:
     """Merge in the attack ensemble's ``robustness`` (docs/spec.md §4)."""
-    from saliency_robustness.attacks import combine_attacks
-
     attacks = {name: open_store(path, ["perturbation_norm"]) for name, path in attack_stores.items()}
     robustness = combine_attacks(attacks)
     try:

@@ -1,17 +1,12 @@
-"""Saliency maps: the input gradient of the predicted-class logit (docs/spec.md §2), in ``saliency/<model>.zarr``.
+"""What every per-model stage shares: the model in evaluation mode, batches of images, dtypes,
+labelled variables and the attributes of a per-model store (docs/spec.md §5, §7).
 
-The saliency of the paper is ``g = grad_x Psi^{i*}(x)`` with ``i* = F(x)`` the model's own
-prediction, not the gradient of the loss at the true label. It lives in the model's input
-space (docs/spec.md §5), the space of the evaluation store's ``images``.
-
-The helpers here (evaluation mode, batching, labelled variables, store bookkeeping) are
-shared with :mod:`saliency_robustness.metrics`.
+The stages (:mod:`saliency_robustness.stages`) import this module, never each other.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,11 +16,8 @@ import torch
 import xarray as xr
 from torch import nn
 
-from saliency_robustness.models import load_model
-from saliency_robustness.runtime import full_precision, progress, resolve_device
-from saliency_robustness.stores import open_store, provenance, write_store
-
-log = logging.getLogger(__name__)
+from saliency_robustness.runtime import full_precision, progress
+from saliency_robustness.stores import provenance
 
 IMAGE_DIMS = ("sample", "channel", "y", "x")
 Images = torch.Tensor | np.ndarray | xr.DataArray
@@ -95,47 +87,6 @@ def image_coords(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     return {dim: np.arange(size) for dim, size in zip(IMAGE_DIMS, shape)}
 
 
-def predicted_logit_gradient(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logits, prediction, grad_x Psi^{i*}(x))`` of one batch from one forward and one backward pass."""
-    logits = model(x)
-    prediction = logits.argmax(dim=1)
-    (gradient,) = torch.autograd.grad(logits.gather(1, prediction[:, None]).sum(), x)
-    return logits.detach(), prediction, gradient
-
-
-def compute_saliency(
-    model: nn.Module, images: Images, *, batch_size: int = 250, device: torch.device | str | None = None
-) -> xr.Dataset:
-    """Saliency maps of ``images`` (in the model's input space, dims ``sample, channel, y, x``).
-
-    Returns ``saliency`` (the gradient of the predicted-class logit), ``logits`` and
-    ``prediction``. The model runs in eval mode on ``device`` (default: the GPU when there
-    is one) and in its own dtype; memory is bounded by ``batch_size`` images.
-    """
-    device = resolve_device(device)
-    images = image_tensor(images)
-    dtype = model_dtype(model)
-    saliency = np.empty(tuple(images.shape), dtype=numpy_dtype(dtype))
-    logits_out: list[np.ndarray] = []
-    with evaluation_mode(model, device):
-        for rows in batch_slices(len(images), batch_size, desc="saliency"):
-            logits, _, gradient = predicted_logit_gradient(model, input_batch(images, rows, device, dtype))
-            saliency[rows] = gradient.cpu().numpy()
-            logits_out.append(logits.cpu().numpy())
-    logits_all = np.concatenate(logits_out)
-    log.info("saliency maps of %d images, %d classes", len(images), logits_all.shape[1])
-    return xr.Dataset(
-        {
-            "saliency": variable(
-                IMAGE_DIMS, saliency, "saliency map: gradient of the predicted-class logit w.r.t. the input", "logit / input unit"
-            ),
-            "logits": variable(("sample", "class"), logits_all, "logits Psi(x)", "logit"),
-            "prediction": variable(("sample",), logits_all.argmax(axis=1), "predicted class F(x) = argmax Psi(x)", "1"),
-        },
-        coords={**image_coords(tuple(images.shape)), "class": np.arange(logits_all.shape[1])},
-    )
-
-
 def with_eval_labels(ds: xr.Dataset, eval_ds: xr.Dataset) -> xr.Dataset:
     """``ds`` with the evaluation store's coordinates, its ``label``, and class names when it has them."""
     coords = {name: eval_ds[name] for name in eval_ds.coords if set(eval_ds[name].dims) <= set(ds.dims)}
@@ -154,15 +105,3 @@ def stage_attrs(model_dir: str | Path, eval_ds: xr.Dataset, title: str, config: 
         "pixel_offset": eval_ds.attrs.get("pixel_offset", [0.0]),
         "pixel_bounds": eval_ds.attrs.get("pixel_bounds", [0.0, 1.0]),
     }
-
-
-def saliency_stage(*, model_dir: str | Path, eval_store: str | Path, output: str | Path, batch_size: int) -> None:
-    """Write ``saliency/<model>.zarr``: saliency maps, logits, predictions and labels of the evaluation images."""
-    eval_ds = open_store(eval_store, ["images", "label"])
-    device = resolve_device()
-    model = load_model(model_dir, device)
-    log.info("saliency of %s on %d images (%s, batch size %d)", Path(model_dir).name, eval_ds.sizes["sample"], device, batch_size)
-    ds = compute_saliency(model, eval_ds["images"].values, batch_size=batch_size, device=device)
-    ds = with_eval_labels(ds, eval_ds)
-    ds.attrs = stage_attrs(model_dir, eval_ds, "saliency maps", {"batch_size": batch_size})
-    write_store(ds, output)
