@@ -13,7 +13,7 @@ from torch import nn
 from saliency_robustness.errors import PipelineError, StoreError
 from saliency_robustness.models import resnet_small
 from saliency_robustness.stages.metrics import METRICS, compute_metrics, metrics_stage
-from saliency_robustness.stages.saliency import saliency_stage
+from saliency_robustness.stages.saliency import AttributionOptions, saliency_stage
 from saliency_robustness.stores import open_store, write_store
 
 SHAPE = (1, 4, 4)
@@ -285,8 +285,11 @@ def run_metrics_stage(stores: dict[str, Path], attack_stores: dict[str, str] | N
 def test_metrics_stage_writes_a_labelled_store(stores: dict[str, Path]) -> None:
     ds = run_metrics_stage(stores)
     eval_ds = xr.open_zarr(stores["eval"])
-    assert set(ds.data_vars) == set(METRICS) | {"label", "correct"}
-    assert all(ds[name].dims == ("sample",) for name in ds.data_vars)
+    attribution = {"attribution_alignment", "attribution_alignment_cosine"}
+    assert set(ds.data_vars) == set(METRICS) | {"label", "correct"} | attribution
+    assert all(ds[name].dims == ("sample",) for name in set(ds.data_vars) - attribution)
+    # the gradient's row of the per-method alignment is the paper's alignment
+    np.testing.assert_allclose(ds["attribution_alignment"].sel(attribution="gradient").values, ds["alignment"].values, rtol=1e-5)
     for name in ds.data_vars:
         assert ds[name].attrs.get("units") and ds[name].attrs.get("long_name"), name
     np.testing.assert_array_equal(ds["label"].values, eval_ds["label"].values)
@@ -324,3 +327,23 @@ def test_metrics_stage_merges_the_attack_ensembles_robustness(stores: dict[str, 
     assert set(ds["attack_perturbation_norm"].dims) == {"attack", "sample"}
     assert ds["attack_perturbation_norm"].sizes["attack"] == 2
     assert ds["robustness"].attrs["units"] == "input-space L2 distance"
+
+
+def test_every_attribution_maps_alignment_is_measured_against_the_same_image(stores: dict[str, Path], tmp_path: Path) -> None:
+    """|<x, a>| / ||a|| and its cosine, recomputed here from the stored maps and images, for
+    every method of the saliency store, with the IG completeness error carried over."""
+    saliency = tmp_path / "all-methods.zarr"
+    options = AttributionOptions(methods=["smoothgrad", "integrated_gradients"], smoothgrad={"n": 4, "sigma": 0.1})
+    saliency_stage(model_dir=stores["model_dir"], eval_store=stores["eval"], output=saliency, batch_size=5, attributions=options)
+    ds = run_metrics_stage(stores, saliency=saliency)
+    maps = xr.open_zarr(saliency)["attribution_map"]
+    x = xr.open_zarr(stores["eval"])["images"].values.reshape(ds.sizes["sample"], -1).astype(np.float64)
+    assert list(ds["attribution"].values) == ["gradient", "smoothgrad", "integrated_gradients"]
+    for method in ds["attribution"].values:
+        a = maps.sel(attribution=method).values.reshape(len(x), -1).astype(np.float64)
+        expected = np.abs((x * a).sum(axis=1)) / np.linalg.norm(a, axis=1)
+        np.testing.assert_allclose(ds["attribution_alignment"].sel(attribution=method).values, expected, rtol=1e-10)
+        np.testing.assert_allclose(
+            ds["attribution_alignment_cosine"].sel(attribution=method).values, expected / np.linalg.norm(x, axis=1), rtol=1e-10
+        )
+    np.testing.assert_array_equal(ds["ig_completeness_error"].values, xr.open_zarr(saliency)["ig_completeness_error"].values)

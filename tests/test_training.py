@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,14 +14,18 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from saliency_robustness.config import validate_config
+from saliency_robustness.data import InputSpace
 from saliency_robustness.errors import TrainingDiverged
 from saliency_robustness.models import CHECKPOINT, load_model
 from saliency_robustness.stages.training import (
+    AdversarialTraining,
+    adversarial_batch,
     epoch_loader,
     epoch_seed,
     fit,
     input_gradient_penalty,
     model_spec,
+    pgd_l2,
     regularized_loss,
     train_stage,
 )
@@ -220,3 +225,98 @@ def test_a_zero_input_gradient_has_finite_parameter_gradients_for_any_power(p: f
     penalty.mean().backward()
     assert torch.isfinite(penalty).all()
     assert all(torch.isfinite(param.grad).all() for param in model.parameters())
+
+
+# --- L2 PGD adversarial training (docs/spec.md §3) ---
+
+
+def tsipras_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two classes: one robust feature (±1, right 90 % of the time) and eleven weak ones
+    (0.1 y + N(0, 0.1²)) that together predict perfectly but move with a small L2 push."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    sign = 2.0 * y - 1
+    robust = sign * torch.where(torch.rand(n, generator=g) < 0.9, 1.0, -1.0)
+    weak = 0.1 * sign[:, None] + 0.1 * torch.randn(n, 11, generator=g)
+    return torch.cat([robust[:, None], weak], 1).view(n, 1, 3, 4), y
+
+
+@pytest.mark.parametrize("random_start", [True, False])
+@pytest.mark.parametrize("epsilon", [0.05, 0.5, 3.0])
+def test_pgd_never_leaves_the_ball_or_the_box(epsilon: float, random_start: bool) -> None:
+    model, _ = tiny_problem()
+    model.eval()
+    space = InputSpace(pixel_offset=(0.3,))  # input space [-0.3, 0.7]: the box binds for large epsilon
+    x = torch.rand(32, 1, 3, 4) - 0.3
+    y = torch.randint(0, 3, (32,))
+    options = AdversarialTraining(epsilon=epsilon, steps=10, random_start=random_start)
+    x_adv = pgd_l2(model, x, y, options, space.input_bounds())
+    norms = (x_adv - x).flatten(1).norm(dim=1)
+    assert norms.max() <= epsilon * (1 + 1e-5)
+    assert x_adv.min() >= -0.3 - 1e-7 and x_adv.max() <= 0.7 + 1e-7
+    if not random_start:
+        assert norms.min() > 0  # every image moved
+
+
+def test_pgd_raises_the_loss_at_the_training_label() -> None:
+    model, _ = tiny_problem()
+    model.eval()
+    x, y = torch.rand(64, 1, 3, 4), torch.randint(0, 3, (64,))
+    x_adv = pgd_l2(model, x, y, AdversarialTraining(epsilon=0.5, steps=10), InputSpace(pixel_offset=(0.0,)).input_bounds())
+    with torch.no_grad():
+        assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y) + 0.01
+
+
+def test_adversarial_batch_attacks_in_eval_mode_keeps_the_clean_share_and_restores_modes() -> None:
+    model, _ = tiny_problem()  # has dropout: in train mode two passes differ
+    model.train()
+    x, y = torch.rand(10, 1, 3, 4), torch.randint(0, 3, (10,))
+    options = AdversarialTraining(epsilon=0.5, steps=3, random_start=False, clean_fraction=0.3)
+    bounds = InputSpace(pixel_offset=(0.0,)).input_bounds()
+    batch = adversarial_batch(model, x, y, options, bounds)
+    assert all(module.training for module in model.modules())
+    assert torch.equal(batch[:3], x[:3])  # round(0.3 * 10) clean images first
+    model.eval()
+    torch.testing.assert_close(batch[3:], pgd_l2(model, x[3:], y[3:], options, bounds))  # deterministic in eval mode
+
+
+def test_pgd_training_makes_a_tiny_model_more_robust() -> None:
+    """On data with weak, non-robust features, plain training uses them; PGD training (ε = 0.5)
+    must not, so its distance to the decision boundary, measured by the real DDN attack and
+    verified, is much larger."""
+    from saliency_robustness.ensemble import run_attack
+
+    x, y = tsipras_data(400, 1)
+    xt, _ = tsipras_data(64, 5)
+    space = InputSpace(pixel_offset=(0.0,), pixel_bounds=(-5.0, 5.0))
+    train = validate_config({"experiment": "t", "train": {"epochs": 10, "batch_size": 20, "learning_rate": 0.1}})["train"]
+    medians = {}
+    for name, adversarial in (("plain", None), ("pgd", AdversarialTraining(epsilon=0.5, steps=5))):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 2))
+        fit(model, TensorDataset(x, y), train, 0.0, device=torch.device("cpu"), adversarial=adversarial, space=space)
+        rho = run_attack(model, xt, space, attack="DDNAttack", kwargs={"steps": 100}, device="cpu")["perturbation_norm"].values
+        assert np.isfinite(rho).all()
+        medians[name] = float(np.median(rho))
+    assert medians["pgd"] > 2 * medians["plain"], medians
+
+
+def test_adversarial_models_are_named_and_specified_by_their_radius(tmp_path) -> None:  # noqa: ANN001
+    from saliency_robustness.config import model_grid, model_train_settings
+
+    config = validate_config(
+        {"experiment": "x", "train": {"method": ["gradnorm", "adversarial"], "lambdas": [0, 1], "adversarial": {"epsilons": [1.5]}, "seeds": [0, 1]}}
+    )
+    grid = model_grid(config)
+    assert list(grid) == [
+        "gradnorm-lambda0-seed0", "gradnorm-lambda0-seed1", "gradnorm-lambda1-seed0", "gradnorm-lambda1-seed1",
+        "pgd-eps1.5-seed0", "pgd-eps1.5-seed1",
+    ]  # fmt: skip
+    point = grid["pgd-eps1.5-seed1"]
+    assert (point.method, point.strength, point.lam, point.epsilon, point.seed) == ("adversarial", 1.5, 0.0, 1.5, 1)
+    settings = model_train_settings(config["train"], point)
+    assert settings["seed"] == 1 and "epsilons" not in settings["adversarial"] and "lambdas" not in settings
+    # a gradnorm model's settings know nothing of PGD: adding a radius retrains no gradnorm model
+    assert "adversarial" not in model_train_settings(config["train"], grid["gradnorm-lambda1-seed0"])
+    spec = model_spec("pgd-eps1.5-seed1", point.lam, config["dataset"], config["model"], settings, method="adversarial", epsilon=1.5)
+    assert (spec.method, spec.strength, spec.lam) == ("adversarial", 1.5, 0.0)

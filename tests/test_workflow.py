@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import xarray as xr
 import yaml
@@ -240,3 +242,23 @@ def test_report_holds_every_figure_with_its_own_caption(smoke_run, tmp_path) -> 
     # the first words of each figure's own caption, not the fallback
     for first_words in re.findall(r"%\}\n([\w-]+ [\w-]+)", captions.split("{% else %}")[0]):
         assert first_words in html, first_words
+
+
+def test_beyond_the_paper_trains_both_routes_and_measures_every_attribution_map(tmp_path, data_root) -> None:  # noqa: ANN001
+    """config/smoke-beyond.yaml, a small copy of config/beyond-mnist.yaml: a gradnorm and a PGD
+    model, three attribution maps through Captum, every store and figure."""
+    configfile = REPO / "config" / "smoke-beyond.yaml"
+    result = snakemake(tmp_path, configfile, data_root=data_root)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    out = tmp_path / "results" / "smoke-beyond"
+    summary = xr.open_zarr(out / "summary.zarr")
+    assert list(summary["model"].values) == ["gradnorm-lambda0-seed0", "pgd-eps1-seed0"]
+    assert list(summary["method"].values) == ["gradnorm", "adversarial"] and list(summary["strength"].values) == [0.0, 1.0]
+    assert {"alignment_smoothgrad", "alignment_integrated_gradients"} <= set(summary["quantity"].values)
+    metrics = xr.open_zarr(out / "metrics" / "pgd-eps1-seed0.zarr")
+    assert list(metrics["attribution"].values) == ["gradient", "smoothgrad", "integrated_gradients"]
+    assert np.isfinite(metrics["ig_completeness_error"].values).all()
+    spec = json.loads((out / "models" / "pgd-eps1-seed0" / "spec.json").read_text())
+    assert (spec["method"], spec["epsilon"], spec["lam"]) == ("adversarial", 1.0, 0.0)
+    assert {png.stem for png in (out / "figures").glob("*.png")} == set(FIGURES)
+    assert "(adversarial, strength 1)" in (out / "logs" / "train" / "pgd-eps1-seed0.log").read_text()

@@ -7,6 +7,7 @@ from saliency_robustness.config import (
     export_package_path,
     fingerprint,
     model_grid,
+    model_train_settings,
     stage_modules,
     validate_config,
 )
@@ -70,16 +71,15 @@ def model_dir(model):
 
 
 def train_settings(wildcards):
+    point = MODELS[wildcards.model]
     return canonical({
         "name": wildcards.model,
-        "lam": MODELS[wildcards.model].lam,
+        "method": point.method,
+        "lam": point.lam,
+        "epsilon": point.epsilon,
         "dataset": dataset_identity(),
         "model": config["model"],
-        # the grid point's own seed; the grid's lists are not this model's settings
-        "train": {
-            **{k: v for k, v in config["train"].items() if k not in ("lambdas", "seeds")},
-            "seed": MODELS[wildcards.model].seed,
-        },
+        "train": model_train_settings(config["train"], point),
     })
 
 

@@ -6,6 +6,7 @@ rule saliency:
         directory(saliency_store("{model}")),
     params:
         batch_size=config["saliency"]["batch_size"],
+        attributions=canonical(config["saliency"]),
         version=stage_version("saliency", **config["saliency"]),
     log:
         f"{LOGS}/saliency/{{model}}.log",

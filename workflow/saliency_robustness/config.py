@@ -114,16 +114,33 @@ def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None) ->
     return validate_config(raw)
 
 
+#: training method -> (its strength's config key, the model-name prefix before the strength)
+METHODS = {"gradnorm": ("lambdas", "gradnorm-lambda"), "adversarial": ("adversarial.epsilons", "pgd-eps")}
 # what a model name looks like (the Snakemake wildcard constraint is built from it)
-MODEL_NAME_PATTERN = r"gradnorm-lambda[0-9.e+-]+-seed[0-9]+"
+MODEL_NAME_PATTERN = "(?:" + "|".join(prefix for _, prefix in METHODS.values()) + r")[0-9.e+-]+-seed[0-9]+"
 
 
 @dataclass(frozen=True)
 class GridPoint:
-    """One model of the training grid: a regularization strength and a replicate seed."""
+    """One model of the training grid: a training method, its strength and a replicate seed.
 
-    lam: float
+    The strength is the regularization weight lambda for ``gradnorm`` and the radius epsilon of
+    the L2 ball for ``adversarial`` (PGD) training.
+    """
+
+    method: str
+    strength: float
     seed: int
+
+    @property
+    def lam(self) -> float:
+        """The gradient-norm penalty's weight (0 for adversarially trained models)."""
+        return self.strength if self.method == "gradnorm" else 0.0
+
+    @property
+    def epsilon(self) -> float | None:
+        """The PGD radius (None for gradient-norm models)."""
+        return self.strength if self.method == "adversarial" else None
 
 
 def format_lambda(lam: float) -> str:
@@ -133,9 +150,9 @@ def format_lambda(lam: float) -> str:
     return text.removesuffix(".0")
 
 
-def model_name(lam: float, seed: int = 0) -> str:
-    """Readable wildcard value for the model trained with strength ``lam`` from ``seed``."""
-    return f"gradnorm-lambda{format_lambda(lam)}-seed{seed}"
+def model_name(strength: float, seed: int = 0, method: str = "gradnorm") -> str:
+    """Readable wildcard value for the model trained by ``method`` with ``strength`` from ``seed``."""
+    return f"{METHODS[method][1]}{format_lambda(strength)}-seed{seed}"
 
 
 def train_seeds(train: Mapping[str, Any]) -> list[int]:
@@ -143,18 +160,45 @@ def train_seeds(train: Mapping[str, Any]) -> list[int]:
     return list(train["seeds"]) if train.get("seeds") is not None else [train["seed"]]
 
 
+def train_methods(train: Mapping[str, Any]) -> list[str]:
+    """``train.method`` as a list (one method or several)."""
+    method = train["method"]
+    return [method] if isinstance(method, str) else list(method)
+
+
+def method_strengths(train: Mapping[str, Any], method: str) -> list[float]:
+    """The strengths of ``method`` in the config's order (lambdas, or the PGD epsilons)."""
+    return list(train["lambdas"]) if method == "gradnorm" else list(train["adversarial"]["epsilons"])
+
+
 def model_grid(config: Mapping[str, Any]) -> dict[str, GridPoint]:
-    """Model name -> (lambda, seed) for every lambda x seed, lambda-major in the config's order."""
+    """Model name -> (method, strength, seed) for every method x strength x seed, in the
+    config's order (method-major, then strength)."""
     train = config["train"]
     grid: dict[str, GridPoint] = {}
-    for key, values in (("lambdas", [float(v) + 0.0 for v in train["lambdas"]]), ("seeds", train_seeds(train))):
-        repeated = sorted({v for v in values if values.count(v) > 1})
-        if repeated:
-            raise ConfigError(f"config key 'train.{key}': {repeated[0]:g} appears twice")
-    for lam in train["lambdas"]:
-        for seed in train_seeds(train):
-            grid[model_name(lam, seed)] = GridPoint(float(lam) + 0.0, int(seed))
+    for method in train_methods(train):
+        key = METHODS[method][0]
+        strengths = [float(v) + 0.0 for v in method_strengths(train, method)]
+        if not strengths:
+            raise ConfigError(f"config key 'train.{key}': empty, but train.method includes {method}")
+        for name, values in ((key, strengths), ("seeds", train_seeds(train))):
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                raise ConfigError(f"config key 'train.{name}': {repeated[0]:g} appears twice")
+        for strength in strengths:
+            for seed in train_seeds(train):
+                grid[model_name(strength, seed, method)] = GridPoint(method, strength, int(seed))
     return grid
+
+
+def model_train_settings(train: Mapping[str, Any], point: GridPoint) -> dict[str, Any]:
+    """The ``train`` section as one model of the grid sees it: its own seed, and none of the
+    grid's lists (other strengths, seeds or methods are not this model's settings), so that
+    adding a model to the grid retrains no other. PGD options belong to adversarial models only."""
+    settings = {k: v for k, v in train.items() if k not in ("lambdas", "seeds", "method", "adversarial")}
+    if point.method == "adversarial":
+        settings["adversarial"] = {k: v for k, v in train["adversarial"].items() if k != "epsilons"}
+    return {**settings, "seed": point.seed}
 
 
 def fingerprint(value: Any) -> str:

@@ -44,6 +44,12 @@ class InputSpace:
     def from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels - self.offset_tensor(pixels.device)
 
+    def input_bounds(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel bounds of the input space (``pixel_bounds - pixel_offset``), shape ``(1, C, 1, 1)``."""
+        offset = self.offset_tensor(device)
+        low, high = self.pixel_bounds
+        return low - offset, high - offset
+
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> InputSpace:
         return cls(

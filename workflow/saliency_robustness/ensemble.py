@@ -112,13 +112,6 @@ class PixelModel(nn.Module):
         return self.model(pixels - self.offset)
 
 
-def input_bounds(space: InputSpace, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel bounds of the model's input space (``pixel_bounds - pixel_offset``)."""
-    offset = space.offset_tensor(device)
-    low, high = space.pixel_bounds
-    return low - offset, high - offset
-
-
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x).argmax(dim=1)
@@ -193,7 +186,7 @@ def run_attack(
     model = model.to(device).eval()
     pixel_model = PixelModel(model, space).to(device).eval()
     fmodel = fb.PyTorchModel(pixel_model, bounds=space.pixel_bounds, device=device)
-    bounds = input_bounds(space, device)
+    bounds = space.input_bounds(device)
     n = len(images)
 
     clean = np.full(n, -1, dtype=np.int64)

@@ -151,6 +151,13 @@ class ModelSpec:
     architecture_options: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None  # initial weights of training (torchvision name or state_dict file)
+    method: str = "gradnorm"  # how it was made robust: gradnorm (strength lam) or adversarial (strength epsilon)
+    epsilon: float | None = None  # radius of the L2 PGD ball of adversarial training
+
+    @property
+    def strength(self) -> float:
+        """The method's strength: lambda for gradnorm, the PGD radius epsilon for adversarial."""
+        return self.lam if self.method == "gradnorm" else float(self.epsilon or 0.0)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

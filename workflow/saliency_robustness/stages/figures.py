@@ -66,15 +66,42 @@ class FigureInputs:
     def label(self, quantity: str) -> str:
         """``quantity``'s axis name with the units the summary store gives it."""
         units = self.summary[quantity].attrs.get("units", "1")
-        return f"{NAMES[quantity]} ({'unitless' if units == '1' else units})"
+        return f"{quantity_name(quantity)} ({'unitless' if units == '1' else units})"
+
+    @property
+    def methods(self) -> list[str]:
+        """The training methods of the summary, in stacking order."""
+        return list(dict.fromkeys(str(m) for m in self.summary["method"].values))
+
+    @property
+    def attributions(self) -> list[str]:
+        """``gradient`` and every other attribution map whose alignment the summary holds."""
+        quantities = [str(q) for q in self.summary["quantity"].values]
+        return ["gradient"] + [q.removeprefix("alignment_") for q in quantities if q.startswith("alignment_") and q != "alignment_cosine"
+                               and not q.startswith("alignment_cosine_")]  # fmt: skip
 
     def distance_units(self) -> str:
         return str(self.summary["robustness"].attrs.get("units", "distance"))
 
 
+#: per training method: marker of a model, marker of a grid point (mean over seeds), palette by strength
+METHOD_STYLE = {"gradnorm": ("o", "D", "viridis"), "adversarial": ("s", "h", "flare")}
+
+
+def quantity_name(quantity: str) -> str:
+    """Axis name of a summarised quantity (an attribution map's alignment: ``α_smoothgrad(x)``)."""
+    if quantity in NAMES:
+        return NAMES[quantity]
+    for stem, name in (("alignment_cosine_", "alignment |cos∠(x, a)|, a = "), ("alignment_", "alignment α(x) of ")):
+        if quantity.startswith(stem):
+            return name + quantity.removeprefix(stem).replace("_", " ")
+    return quantity.replace("_", " ")
+
+
 def display_label(grid_point: str) -> str:
-    """``gradnorm-lambda0.3`` -> ``λ=0.3`` (the grid point, all its training setting but the seed)."""
-    return grid_point.replace("gradnorm-lambda", "λ=")
+    """``gradnorm-lambda0.3`` -> ``λ=0.3``, ``pgd-eps1.5`` -> ``PGD ε=1.5`` (the grid point: all
+    its training setting but the seed)."""
+    return grid_point.replace("gradnorm-lambda", "λ=").replace("pgd-eps", "PGD ε=")
 
 
 def model_frame(summary: xr.Dataset, subset: str) -> pd.DataFrame:
@@ -85,6 +112,8 @@ def model_frame(summary: xr.Dataset, subset: str) -> pd.DataFrame:
             "model": [str(v) for v in summary["model"].values],
             "grid_point": [str(v) for v in summary["setting"].values],
             "lam": summary["lam"].values,
+            "method": [str(v) for v in summary["method"].values],
+            "strength": summary["strength"].values,
             "seed": summary["seed"].values,
             "degenerate": summary["degenerate"].values.astype(bool),
             "test_accuracy": summary["test_accuracy"].values,
@@ -103,6 +132,8 @@ def grid_frame(summary: xr.Dataset, subset: str) -> pd.DataFrame:
         {
             "grid_point": [str(v) for v in summary["grid_point"].values],
             "lam": summary["grid_lam"].values,
+            "method": [str(v) for v in summary["grid_method"].values],
+            "strength": summary["grid_strength"].values,
             "n_seeds": summary["grid_n_seeds"].values,
         }
     )
@@ -110,11 +141,17 @@ def grid_frame(summary: xr.Dataset, subset: str) -> pd.DataFrame:
         for stat in GRID_STATS:
             frame[f"{q}_{stat}"] = summary[f"grid_{stat}"].sel(subset=subset, quantity=q).values
     frame["label"] = frame["grid_point"].map(display_label)
-    return frame.sort_values("lam", kind="stable").reset_index(drop=True)
+    order = {method: k for k, method in enumerate(METHOD_STYLE)}
+    frame = frame.assign(method_order=frame["method"].map(order))
+    return frame.sort_values(["method_order", "strength"], kind="stable").drop(columns="method_order").reset_index(drop=True)
 
 
 def _palette(grid: pd.DataFrame) -> dict[str, Any]:
-    return dict(zip(grid["label"], sns.color_palette("viridis", len(grid))))
+    """Grid-point label -> colour: by strength, in each method's own palette."""
+    colours: dict[str, Any] = {}
+    for method, points in grid.groupby("method", sort=False):
+        colours |= dict(zip(points["label"], sns.color_palette(METHOD_STYLE[str(method)][2], len(points))))
+    return colours
 
 
 def trend_text(summary: xr.Dataset, subset: str, trend: str) -> str:
@@ -164,23 +201,29 @@ def _median_plot(ax: plt.Axes, inputs: FigureInputs, models: pd.DataFrame, grid:
     """Median of ``y`` against median of ``x``: one small point per model with its CIs, one
     diamond per grid point (mean over seeds, CI over seeds and images) joined in lambda order."""
     palette = _palette(grid)
+    method_of = dict(zip(grid["label"], grid["method"]))
     replicated = bool((grid["n_seeds"] > 1).any())
     for _, row in models.iterrows():
         color = palette.get(row["label"], "0.5")
         if row["degenerate"]:
             ax.plot(row[f"{x}_median"], row[f"{y}_median"], "x", color=color, ms=8, mew=2, zorder=4)
             continue
-        _errorbar(ax, row, row, x, y, STATS, fmt="o", color=color, ms=4 if replicated else 7, alpha=0.6 if replicated else 1, capsize=2, zorder=3)
-    # the line joins grid points; with one seed each, it joins the models themselves
-    line = grid if replicated else models[~models["degenerate"]].rename(columns=lambda c: c.replace("_median", "_mean_median"))
-    ax.plot(line[f"{x}_mean_median"], line[f"{y}_mean_median"], color="0.6", lw=1, zorder=1)
+        marker = METHOD_STYLE[row["method"]][0]
+        _errorbar(ax, row, row, x, y, STATS, fmt=marker, color=color, ms=4 if replicated else 7, alpha=0.6 if replicated else 1, capsize=2, zorder=3)
+    # the line joins each method's grid points by strength; with one seed each, the models themselves
+    healthy = models[~models["degenerate"]].rename(columns=lambda c: c.replace("_median", "_mean_median"))
+    for method in dict.fromkeys(grid["method"]):
+        line = (grid if replicated else healthy).query("method == @method")
+        ax.plot(line[f"{x}_mean_median"], line[f"{y}_mean_median"], color="0.6", lw=1, ls="-" if method == "gradnorm" else "--", zorder=1)
     if replicated:
         for _, row in grid.iterrows():
-            _errorbar(ax, row, row, x, y, GRID_STATS, fmt="D", color=palette[row["label"]], ms=9, mec="k", capsize=3, lw=2, zorder=5)
+            marker = METHOD_STYLE[row["method"]][1]
+            _errorbar(ax, row, row, x, y, GRID_STATS, fmt=marker, color=palette[row["label"]], ms=9, mec="k", capsize=3, lw=2, zorder=5)
     handles = [
-        plt.Line2D([], [], marker="D" if replicated else "o", ls="", color=color, mec="k" if replicated else color, label=label)
+        plt.Line2D([], [], marker=METHOD_STYLE[method_of[label]][1 if replicated else 0], ls="", color=color,
+                   mec="k" if replicated else color, label=label)
         for label, color in palette.items()
-    ]
+    ]  # fmt: skip
     if replicated:
         handles.append(plt.Line2D([], [], marker="o", ls="", color="0.5", alpha=0.6, ms=4, label="one seed"))
     if models["degenerate"].any():
@@ -247,6 +290,12 @@ def _against_lambda(ax: plt.Axes, inputs: FigureInputs, models: pd.DataFrame, gr
     ax.legend(fontsize="x-small")
 
 
+def _gradnorm_only(inputs: FigureInputs) -> str:
+    """A note for the figures against λ when other methods' models (no λ) are left out."""
+    others = [m for m in inputs.methods if m != "gradnorm"]
+    return f"\n(gradnorm models only; {', '.join(others)} models have no λ and are in the other figures)" if others else ""
+
+
 def accuracy_robustness_vs_lambda(inputs: FigureInputs) -> plt.Figure:
     summary, subset, models, grid = inputs.summary, inputs.subset, inputs.models(), inputs.grid()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), layout="constrained")
@@ -259,7 +308,8 @@ def accuracy_robustness_vs_lambda(inputs: FigureInputs) -> plt.Figure:
     _against_lambda(axes[2], inputs, models, grid, "alignment")
     axes[2].set_title("Alignment", fontsize="medium")
     fig.suptitle(
-        trend_text(summary, subset, "lambda ~ median robustness") + "\n" + trend_text(summary, subset, "lambda ~ median alignment"),
+        trend_text(summary, subset, "lambda ~ median robustness") + "\n" + trend_text(summary, subset, "lambda ~ median alignment")
+        + _gradnorm_only(inputs),
         fontsize="small",
     )
     footer(fig, summary, subset)
@@ -344,8 +394,26 @@ def decomposition_terms(inputs: FigureInputs) -> plt.Figure:
     ax.axhline(0, color="0.5", lw=0.8)
     _symlog_lambda(ax, grid["lam"])
     ax.set_ylabel(f"{inputs.distance_units()} (mean over seeds of per-model medians)")
-    ax.set_title("ρ̃ = homogeneous term + signed bias term (per image)", fontsize="medium")
+    ax.set_title("ρ̃ = homogeneous term + signed bias term (per image)" + _gradnorm_only(inputs), fontsize="medium")
     ax.legend(fontsize="small")
+    footer(fig, summary, subset)
+    return fig
+
+
+def attribution_alignment_vs_robustness(inputs: FigureInputs) -> plt.Figure:
+    """One facet per attribution map: median alignment ``|<x, a>| / ||a||`` against median
+    robustness, every model and grid point, with the across-model trend and its CI."""
+    summary, subset, models, grid = inputs.summary, inputs.subset, inputs.models(), inputs.grid()
+    attributions = inputs.attributions
+    fig, axes = plt.subplots(1, len(attributions), figsize=(5.5 * len(attributions) + 0.5, 5), layout="constrained", squeeze=False)
+    for k, (ax, attribution) in enumerate(zip(axes[0], attributions)):
+        quantity = "alignment" if attribution == "gradient" else f"alignment_{attribution}"
+        _median_plot(ax, inputs, models, grid, "robustness", quantity)
+        trend = f"median {quantity} ~ median robustness"
+        ax.set_title(f"{attribution.replace('_', ' ')}\n" + trend_text(summary, subset, trend).split(": ", 1)[1], fontsize="small")
+        if k:
+            ax.get_legend().remove()
+    fig.suptitle("Alignment of each attribution map (of the predicted logit, signed) against robustness")
     footer(fig, summary, subset)
     return fig
 
@@ -367,9 +435,15 @@ def _show_image(ax: plt.Axes, image: np.ndarray) -> None:
         ax.imshow(np.clip(np.moveaxis(image, 0, -1), 0, 1))
 
 
+#: most rows of maps in the saliency gallery before it shows each method's extremes only
+GALLERY_ROWS = 12
+
+
 def saliency_gallery(inputs: FigureInputs) -> plt.Figure:
-    """Test images on top; below, one row per grid point (ordered by lambda) of the saliency
-    maps of one of its models (the first seed that is not degenerate).
+    """Test images on top; below, one row per (attribution map, grid point) of the maps of one
+    of the grid point's models (its first seed that is not degenerate), grid points by method
+    and strength. When every grid point would make more than ``GALLERY_ROWS`` rows, each
+    method shows its smallest and largest strength only, so that the page stays readable.
 
     Each map is scaled to its own largest magnitude (robust models have smaller gradients)
     with a diverging colormap symmetric around 0. RGB maps get a signed row (sum over
@@ -381,25 +455,34 @@ def saliency_gallery(inputs: FigureInputs) -> plt.Figure:
     samples = _gallery_samples(eval_ds["label"].values, inputs.options["gallery_samples"])
     offset = np.asarray(eval_ds.attrs["pixel_offset"], dtype=np.float32).reshape(-1, 1, 1)
     pixels = eval_ds["images"].isel(sample=samples).values + offset
-    # one model per grid point (its first non-degenerate seed), ordered by lambda
-    frame = model_frame(summary, "all").sort_values(["lam", "degenerate", "seed"], kind="stable")
+    # one model per grid point (its first non-degenerate seed), by method and strength
+    order = {method: k for k, method in enumerate(METHOD_STYLE)}
+    frame = model_frame(summary, "all")
+    frame = frame.assign(method_order=frame["method"].map(order)).sort_values(["method_order", "strength", "degenerate", "seed"], kind="stable")
     shown = frame.drop_duplicates("grid_point")
-    models = list(shown["model"])
+    attributions = inputs.attributions
+    if len(shown) * len(attributions) > GALLERY_ROWS:
+        shown = pd.concat([points.iloc[[0, -1]].drop_duplicates("grid_point") for _, points in shown.groupby("method", sort=False)])
     lam = {m: f"{label} (seed {seed})" for m, label, seed in zip(shown["model"], shown["label"], shown["seed"])}
     rgb = pixels.shape[1] > 1
-    rows = [("image", None)]
-    for m in models:
-        rows.append((m, "signed"))
-        if rgb:
-            rows.append((m, "magnitude"))
+    rows: list[tuple[str, str | None, str | None]] = [("image", None, None)]
+    for attribution in attributions:
+        for m in shown["model"]:
+            rows.append((m, attribution, "signed"))
+            if rgb:
+                rows.append((m, attribution, "magnitude"))
     fig, axes = plt.subplots(
         len(rows), len(samples), figsize=(1.3 * len(samples) + 1.2, 1.3 * len(rows)), squeeze=False, layout="constrained"
     )
     for col, sample in enumerate(samples):
         _show_image(axes[0, col], pixels[col])
         axes[0, col].set_title(f"label {int(eval_ds['label'][sample])}", fontsize="small")
-    for row, (model, kind) in enumerate(rows[1:], start=1):
-        maps = saliency[model]["saliency"].isel(sample=samples).values
+    for row, (model, attribution, kind) in enumerate(rows[1:], start=1):
+        store = saliency[model]
+        if attribution == "gradient":
+            maps = store["saliency"].isel(sample=samples).values
+        else:
+            maps = store["attribution_map"].sel(attribution=attribution).isel(sample=samples).values
         for col in range(len(samples)):
             g = maps[col]
             if kind == "signed":
@@ -410,13 +493,17 @@ def saliency_gallery(inputs: FigureInputs) -> plt.Figure:
                 shown = np.linalg.norm(g, axis=0)
                 im = axes[row, col].imshow(shown, cmap="magma", vmin=0, vmax=float(shown.max()) or 1.0)
         suffix = "" if not rgb else f"\n{kind}"
-        axes[row, 0].set_ylabel(f"{lam[model]}{suffix}", fontsize="small")
+        prefix = "" if len(attributions) == 1 else f"{str(attribution).replace('_', ' ')}\n"
+        axes[row, 0].set_ylabel(f"{prefix}{lam[model]}{suffix}", fontsize="small")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0, 0].set_ylabel("image", fontsize="small")
     fig.colorbar(im, ax=axes[1:, -1], shrink=0.6, label="saliency / max |saliency| (per map)", ticks=[])
-    fig.suptitle(r"Saliency maps $\nabla\Psi^{F(x)}(x)$, one row per grid point by λ")
+    if len(attributions) == 1:
+        fig.suptitle(r"Saliency maps $\nabla\Psi^{F(x)}(x)$, one row per grid point by λ")
+    else:
+        fig.suptitle("Attribution maps of the predicted logit (signed), one row per (method, grid point)")
     return fig
 
 
@@ -430,6 +517,7 @@ FIGURES: dict[str, Callable[[FigureInputs], plt.Figure]] = {
     "alignment_vs_robustness_per_image": alignment_vs_robustness_per_image,
     "bound_decomposition": bound_decomposition,
     "decomposition_terms": decomposition_terms,
+    "attribution_alignment_vs_robustness": attribution_alignment_vs_robustness,
 }
 
 

@@ -348,6 +348,26 @@ def check_predictions(ds: xr.Dataset, saliency: xr.Dataset, saliency_store: str 
     log.warning("%d near-tie predictions differ from the saliency store's (logit gap below 1e-4)", differ.size)
 
 
+def with_attribution_alignment(ds: xr.Dataset, images: np.ndarray, saliency: xr.Dataset) -> xr.Dataset:
+    """``attribution_alignment`` ``|<x, a>| / ||a||`` and its cosine for every attribution map
+    ``a`` of the saliency store (dims ``sample, attribution``), reduced in float64, and the
+    Integrated Gradients completeness error when the store has it."""
+    x = images.reshape(len(images), -1).astype(np.float64)
+    maps = saliency["attribution_map"].transpose("attribution", "sample", ...).values
+    maps = maps.reshape(maps.shape[0], maps.shape[1], -1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alignment = np.abs(np.einsum("sd,asd->sa", x, maps)) / np.linalg.norm(maps, axis=-1).T
+        cosine = alignment / np.linalg.norm(x, axis=1)[:, None]
+    dims = ("sample", "attribution")
+    ds = ds.assign_coords(attribution=saliency["attribution"].values)
+    ds["attribution_alignment"] = variable(dims, alignment, "alignment |<x, a>| / ||a|| of each attribution map a", DISTANCE)
+    ds["attribution_alignment_cosine"] = variable(dims, cosine, "alignment cosine |<x, a>| / (||x|| ||a||) of each attribution map a", "1")
+    if "ig_completeness_error" in saliency:
+        error = saliency["ig_completeness_error"]
+        ds["ig_completeness_error"] = (("sample",), error.values, dict(error.attrs))
+    return ds
+
+
 def with_robustness(ds: xr.Dataset, attack_stores: Mapping[str, str | Path]) -> xr.Dataset:
     """Merge in the attack ensemble's ``robustness`` (docs/spec.md §4)."""
     attacks = {name: open_store(path, ["perturbation_norm"]) for name, path in attack_stores.items()}
@@ -371,7 +391,7 @@ def metrics_stage(
     """Write ``metrics/<model>.zarr``: every quantity of docs/spec.md §2 per evaluation image, ``label`` and
     ``correct``, with ``robustness`` when attack stores are given."""
     eval_ds = open_store(eval_store, ["images", "label"])
-    saliency = open_store(saliency_store, ["prediction", "logits"])
+    saliency = open_store(saliency_store, ["prediction", "logits", "attribution_map"])
     device = resolve_device()
     model = load_model(model_dir, device)
     log.info(
@@ -384,6 +404,7 @@ def metrics_stage(
     )
     ds = compute_metrics(model, eval_ds["images"].values, batch_size=batch_size, class_chunk=class_chunk, device=device)
     check_predictions(ds, saliency, saliency_store)
+    ds = with_attribution_alignment(ds, eval_ds["images"].values, saliency)
     ds = with_eval_labels(ds, eval_ds)
     ds["correct"] = xr.DataArray(
         ds["prediction"].values == ds["label"].values,

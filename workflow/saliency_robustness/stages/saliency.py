@@ -4,19 +4,29 @@ The saliency of the paper is ``g = grad_x Psi^{i*}(x)`` with ``i* = F(x)`` the m
 prediction, not the gradient of the loss at the true label. It lives in the model's input
 space (docs/spec.md §5), the space of the evaluation store's ``images``.
 
+Beyond the paper, the attribution methods people use are computed through Captum, all of the
+predicted-class logit and signed (never absolute values): SmoothGrad (Captum's ``NoiseTunnel``
+over ``Saliency`` with ``abs=False``) and Integrated Gradients, with its completeness error
+``sum IG - (Psi^{i*}(x) - Psi^{i*}(baseline))`` per image (docs/spec.md §2). They are stored
+as ``attribution_map(attribution, sample, channel, y, x)``, the gradient among them.
+
 Evaluation mode, batching and store attributes come from :mod:`saliency_robustness.evaluation`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import xarray as xr
 from torch import nn
 
+from saliency_robustness.data import InputSpace
 from saliency_robustness.evaluation import (
     IMAGE_DIMS,
     Images,
@@ -46,46 +56,162 @@ def predicted_logit_gradient(model: nn.Module, x: torch.Tensor) -> tuple[torch.T
     return logits.detach(), prediction, gradient
 
 
+GRADIENT = "gradient"
+ATTRIBUTIONS = (GRADIENT, "smoothgrad", "integrated_gradients")
+
+
+@dataclass(frozen=True)
+class AttributionOptions:
+    """The ``saliency`` section's attribution methods and their options (schema defaults)."""
+
+    methods: Sequence[str] = (GRADIENT,)
+    smoothgrad: Mapping[str, Any] = field(default_factory=lambda: {"n": 25, "sigma": 0.15})
+    integrated_gradients: Mapping[str, Any] = field(default_factory=lambda: {"baseline": "zero", "steps": 32})
+
+    @property
+    def names(self) -> list[str]:
+        """The methods in a fixed order, the gradient always first."""
+        unknown = set(self.methods) - set(ATTRIBUTIONS)
+        if unknown:
+            raise ValueError(f"unknown attribution method(s) {sorted(unknown)} (known: {', '.join(ATTRIBUTIONS)})")
+        return [m for m in ATTRIBUTIONS if m == GRADIENT or m in self.methods]
+
+    def as_config(self) -> dict[str, Any]:
+        """The methods computed and the options of each (for the store's provenance)."""
+        return {"methods": self.names, **{m: dict(getattr(self, m)) for m in self.names[1:]}}
+
+    @classmethod
+    def from_config(cls, saliency: Mapping[str, Any]) -> AttributionOptions:
+        return cls(saliency["methods"], saliency["smoothgrad"], saliency["integrated_gradients"])
+
+
+def ig_baseline(x: torch.Tensor, kind: str, space: InputSpace) -> torch.Tensor:
+    """Integrated Gradients' starting point: zero in the input space, or the black image."""
+    if kind == "zero":
+        return torch.zeros_like(x)
+    if kind == "black":
+        return torch.zeros_like(x) - space.offset_tensor(x.device).to(x.dtype)
+    raise ValueError(f"unknown baseline {kind!r} (known: zero, black)")
+
+
+def captum_attributions(
+    model: nn.Module, x: torch.Tensor, prediction: torch.Tensor, options: AttributionOptions, space: InputSpace, seed: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The Captum maps of one batch (signed, of the predicted logit) and, with Integrated
+    Gradients, its completeness error per image. SmoothGrad's noise is drawn from ``seed``
+    without touching the global random state."""
+    from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
+
+    maps: dict[str, torch.Tensor] = {}
+    completeness = None
+    x = x.detach()
+    if "smoothgrad" in options.methods:
+        tunnel = NoiseTunnel(Saliency(model))
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            maps["smoothgrad"] = tunnel.attribute(
+                x,
+                nt_type="smoothgrad",
+                nt_samples=int(options.smoothgrad["n"]),
+                nt_samples_batch_size=len(x),
+                stdevs=float(options.smoothgrad["sigma"]),
+                target=prediction,
+                abs=False,  # signed maps: abs=True (Saliency's default) would destroy <x, a>
+            ).detach()
+    if "integrated_gradients" in options.methods:
+        ig = IntegratedGradients(model, multiply_by_inputs=True)
+        attribution, delta = ig.attribute(
+            x,
+            baselines=ig_baseline(x, str(options.integrated_gradients["baseline"]), space),
+            target=prediction,
+            n_steps=int(options.integrated_gradients["steps"]),
+            method="gausslegendre",
+            internal_batch_size=len(x),
+            return_convergence_delta=True,
+        )
+        maps["integrated_gradients"] = attribution.detach()
+        completeness = delta.detach()
+    return maps, completeness
+
+
 def compute_saliency(
-    model: nn.Module, images: Images, *, batch_size: int = 250, device: torch.device | str | None = None
+    model: nn.Module,
+    images: Images,
+    *,
+    batch_size: int = 250,
+    device: torch.device | str | None = None,
+    attributions: AttributionOptions | None = None,
+    space: InputSpace | None = None,
 ) -> xr.Dataset:
     """Saliency maps of ``images`` (in the model's input space, dims ``sample, channel, y, x``).
 
-    Returns ``saliency`` (the gradient of the predicted-class logit), ``logits`` and
-    ``prediction``. The model runs in eval mode on ``device`` (default: the GPU when there
-    is one) and in its own dtype; memory is bounded by ``batch_size`` images.
+    Returns ``saliency`` (the gradient of the predicted-class logit), ``logits``,
+    ``prediction`` and ``attribution_map`` (one map per method of ``attributions``, the gradient
+    first), with ``ig_completeness_error`` when Integrated Gradients is among them. The model
+    runs in eval mode on ``device`` (default: the GPU when there is one) and in its own dtype;
+    memory is bounded by ``batch_size`` images (times the methods' samples or steps).
     """
     device = resolve_device(device)
+    options = attributions or AttributionOptions()
+    space = space or InputSpace(pixel_offset=(0.0,) * int(image_tensor(images).shape[1]))
+    methods = options.names
     images = image_tensor(images)
     dtype = model_dtype(model)
-    saliency = np.empty(tuple(images.shape), dtype=numpy_dtype(dtype))
+    maps = np.empty((len(methods), *images.shape), dtype=numpy_dtype(dtype))
+    completeness = np.full(len(images), np.nan)
     logits_out: list[np.ndarray] = []
     with evaluation_mode(model, device):
         for rows in batch_slices(len(images), batch_size, desc="saliency"):
-            logits, _, gradient = predicted_logit_gradient(model, input_batch(images, rows, device, dtype))
-            saliency[rows] = gradient.cpu().numpy()
+            x = input_batch(images, rows, device, dtype)
+            logits, prediction, gradient = predicted_logit_gradient(model, x)
+            maps[0, rows] = gradient.cpu().numpy()
             logits_out.append(logits.cpu().numpy())
+            if len(methods) > 1:
+                extra, delta = captum_attributions(model, x, prediction, options, space, seed=rows.start)
+                for k, method in enumerate(methods[1:], start=1):
+                    maps[k, rows] = extra[method].cpu().numpy()
+                if delta is not None:
+                    completeness[rows] = delta.double().cpu().numpy()
     logits_all = np.concatenate(logits_out)
-    log.info("saliency maps of %d images, %d classes", len(images), logits_all.shape[1])
-    return xr.Dataset(
+    log.info("saliency maps of %d images, %d classes; attributions: %s", len(images), logits_all.shape[1], ", ".join(methods))
+    ds = xr.Dataset(
         {
             "saliency": variable(
-                IMAGE_DIMS, saliency, "saliency map: gradient of the predicted-class logit w.r.t. the input", "logit / input unit"
+                IMAGE_DIMS, maps[0], "saliency map: gradient of the predicted-class logit w.r.t. the input", "logit / input unit"
+            ),
+            "attribution_map": variable(
+                ("attribution", *IMAGE_DIMS), maps, "attribution map of the predicted-class logit (signed), per method", "method's own"
             ),
             "logits": variable(("sample", "class"), logits_all, "logits Psi(x)", "logit"),
             "prediction": variable(("sample",), logits_all.argmax(axis=1), "predicted class F(x) = argmax Psi(x)", "1"),
         },
-        coords={**image_coords(tuple(images.shape)), "class": np.arange(logits_all.shape[1])},
+        coords={**image_coords(tuple(images.shape)), "class": np.arange(logits_all.shape[1]), "attribution": methods},
     )
+    if "integrated_gradients" in methods:
+        ds["ig_completeness_error"] = variable(
+            ("sample",), completeness, "Integrated Gradients completeness error sum IG - (Psi(x) - Psi(baseline)), predicted logit", "logit"
+        )
+        log.info("Integrated Gradients: largest completeness error %.3g", float(np.nanmax(np.abs(completeness))))
+    return ds
 
 
-def saliency_stage(*, model_dir: str | Path, eval_store: str | Path, output: str | Path, batch_size: int) -> None:
-    """Write ``saliency/<model>.zarr``: saliency maps, logits, predictions and labels of the evaluation images."""
+def saliency_stage(
+    *,
+    model_dir: str | Path,
+    eval_store: str | Path,
+    output: str | Path,
+    batch_size: int,
+    attributions: AttributionOptions | None = None,
+) -> None:
+    """Write ``saliency/<model>.zarr``: saliency maps (and the other attribution maps), logits,
+    predictions and labels of the evaluation images."""
+    attributions = attributions or AttributionOptions()
     eval_ds = open_store(eval_store, ["images", "label"])
     device = resolve_device()
     model = load_model(model_dir, device)
     log.info("saliency of %s on %d images (%s, batch size %d)", Path(model_dir).name, eval_ds.sizes["sample"], device, batch_size)
-    ds = compute_saliency(model, eval_ds["images"].values, batch_size=batch_size, device=device)
+    space = InputSpace.from_attrs(eval_ds.attrs)
+    ds = compute_saliency(model, eval_ds["images"].values, batch_size=batch_size, device=device, attributions=attributions, space=space)
     ds = with_eval_labels(ds, eval_ds)
-    ds.attrs = stage_attrs(model_dir, eval_ds, "saliency maps", {"batch_size": batch_size})
+    ds.attrs = stage_attrs(model_dir, eval_ds, "saliency maps", {"batch_size": batch_size, "attributions": attributions.as_config()})
     write_store(ds, output)

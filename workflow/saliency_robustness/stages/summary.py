@@ -53,9 +53,44 @@ SUMMARISED = (
 )
 # (x, y) pairs whose Spearman rank correlation over images is given per model
 CORRELATED = (("alignment", "robustness"), ("linearized_robustness", "robustness"))
-# across-model trends: Spearman of the first against the second, one point per model
-TRENDS = (("alignment", "robustness"), ("lam", "robustness"), ("lam", "alignment"))
 SUBSETS = ("all", "correct")
+#: training methods in the order models are stacked, and the name of each one's strength
+METHOD_STRENGTH = {"gradnorm": "lambda", "adversarial": "epsilon"}
+
+
+@dataclass(frozen=True)
+class Trend:
+    """An across-model Spearman correlation of ``x`` with ``y`` (per-model medians, or the
+    training ``strength``), over the models of ``method`` (None: every model)."""
+
+    name: str
+    x: str
+    y: str
+    method: str | None = None
+
+
+def quantities(stacked: xr.Dataset) -> tuple[str, ...]:
+    """The summarised quantities: :data:`SUMMARISED`, then the alignment (and its cosine) of
+    every attribution map beyond the gradient that the metrics hold."""
+    extra = [str(a) for a in stacked["attribution"].values if str(a) != "gradient"] if "attribution" in stacked.coords else []
+    return SUMMARISED + tuple(f"{name}_{a}" for a in extra for name in ("alignment", "alignment_cosine"))
+
+
+def trends(stacked: xr.Dataset) -> list[Trend]:
+    """The across-model trends: alignment against robustness over all models; per training
+    method, its strength against robustness and alignment (and, with several methods,
+    alignment against robustness within each); per extra attribution map, its alignment
+    against robustness."""
+    methods = list(dict.fromkeys(str(m) for m in stacked["method"].values))
+    found = [Trend("median alignment ~ median robustness", "alignment", "robustness")]
+    for method in methods:
+        strength = METHOD_STRENGTH[method]
+        found += [Trend(f"{strength} ~ median {y}", "strength", y, method) for y in ("robustness", "alignment")]
+    if len(methods) > 1:
+        found += [Trend(f"{m}: median alignment ~ median robustness", "alignment", "robustness", m) for m in methods]
+    extra = [q for q in quantities(stacked) if q not in SUMMARISED and not q.startswith("alignment_cosine_")]
+    found += [Trend(f"median {q} ~ median robustness", q, "robustness") for q in extra]
+    return found
 
 
 @dataclass(frozen=True)
@@ -163,7 +198,8 @@ def stack_models(
 ) -> xr.Dataset:
     """Concatenate per-model metrics along a new ``model`` dim, ordered by (lambda, seed), with
     the training options, the grid point and the degenerate flag as per-model variables."""
-    names = sorted(metrics, key=lambda m: (specs[m].lam, specs[m].seed, m))
+    order = list(METHOD_STRENGTH)
+    names = sorted(metrics, key=lambda m: (order.index(specs[m].method), specs[m].strength, specs[m].seed, m))
     keys = {m: setting_key(specs[m]) for m in names}
     labels = {m: setting_label(specs[m]) for m in names}
     clashing = {labels[a] for a in names for b in names if labels[a] == labels[b] and keys[a] != keys[b]}
@@ -173,7 +209,17 @@ def stack_models(
     )
     stacked = stacked.assign_coords(
         model=("model", names),
-        lam=("model", [specs[m].lam for m in names], {"long_name": "regularization strength lambda (per example)", "units": "1"}),
+        lam=(
+            "model",
+            [specs[m].lam if specs[m].method == "gradnorm" else np.nan for m in names],
+            {"long_name": "regularization strength lambda (per example; NaN: not a gradnorm model)", "units": "1"},
+        ),
+        method=("model", [specs[m].method for m in names], {"long_name": "training method: gradnorm or adversarial (L2 PGD)"}),
+        strength=(
+            "model",
+            [specs[m].strength for m in names],
+            {"long_name": "the method's strength: lambda (gradnorm) or the PGD radius epsilon (adversarial)", "units": "1"},
+        ),
         sensitivity=("model", [specs[m].sensitivity for m in names], {"long_name": "regularized sensitivity"}),
         p=("model", [specs[m].p for m in names], {"long_name": "power of the gradient norm in the penalty", "units": "1"}),
         seed=("model", [specs[m].seed for m in names], {"long_name": "training seed (replicate)"}),
@@ -197,6 +243,14 @@ def stack_models(
     }
     for name, (values, long_name, units) in per_model.items():
         stacked[name] = xr.DataArray(values, dims="model", attrs={"long_name": long_name, "units": units} if units else {"long_name": long_name})
+    if "attribution" in stacked.coords:  # each attribution map's alignment as a quantity of its own
+        for attribution in stacked["attribution"].values:
+            if str(attribution) != "gradient":
+                for name in ("alignment", "alignment_cosine"):
+                    source = stacked[f"attribution_{name}"]
+                    stacked[f"{name}_{attribution}"] = source.sel(attribution=attribution, drop=True).assign_attrs(
+                        source.attrs, long_name=f"{source.attrs['long_name']} (a: {attribution})"
+                    )
     return stacked
 
 
@@ -204,7 +258,7 @@ def subset_mask(stacked: xr.Dataset, subset: str) -> xr.DataArray:
     """``(model, sample)`` mask of the images a subset's statistics rest on: every summarised
     quantity finite, and for ``correct`` the prediction right."""
     mask = xr.ones_like(stacked["alignment"], dtype=bool)
-    for var in SUMMARISED:
+    for var in quantities(stacked):
         mask &= np.isfinite(stacked[var])
     if subset == "correct":
         mask &= stacked["correct"].astype(bool)
@@ -216,19 +270,20 @@ def subset_mask(stacked: xr.Dataset, subset: str) -> xr.DataArray:
 def _values(stacked: xr.Dataset, mask: xr.DataArray, model: str) -> np.ndarray:
     """``quantity x image`` array of a model's summarised quantities on the subset's images."""
     keep = mask.sel(model=model).values
-    return np.stack([np.asarray(stacked[v].sel(model=model).values, dtype=np.float64)[keep] for v in SUMMARISED])
+    return np.stack([np.asarray(stacked[v].sel(model=model).values, dtype=np.float64)[keep] for v in quantities(stacked)])
 
 
 def _masked(stacked: xr.Dataset, mask: xr.DataArray, models: Sequence[str]) -> np.ndarray:
     """``model x quantity x image`` array of the summarised quantities, NaN off the subset."""
-    values = np.stack([stacked[v].sel(model=list(models)).values.astype(np.float64) for v in SUMMARISED], axis=1)
+    values = np.stack([stacked[v].sel(model=list(models)).values.astype(np.float64) for v in quantities(stacked)], axis=1)
     return np.where(mask.sel(model=list(models)).values[:, None, :], values, np.nan)
 
 
 def model_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
     """Per model and subset: medians with CIs, quartiles, image counts and rank correlations."""
     models = [str(m) for m in stacked["model"].values]
-    shape = (len(models), len(SUBSETS), len(SUMMARISED))
+    summarised = quantities(stacked)
+    shape = (len(models), len(SUBSETS), len(summarised))
     stats = {name: np.full(shape, np.nan) for name in ("median", "median_ci_low", "median_ci_high", "q25", "q75")}
     n_images = np.zeros(shape[:2], dtype=np.int64)
     spearman = np.full((len(models), len(SUBSETS), len(CORRELATED)), np.nan)
@@ -240,10 +295,10 @@ def model_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
             if values.shape[1] == 0:
                 continue
             stats["q25"][i, j], stats["median"][i, j], stats["q75"][i, j] = np.quantile(values, [0.25, 0.5, 0.75], axis=1)
-            for k in range(len(SUMMARISED)):
+            for k in range(len(summarised)):
                 stats["median_ci_low"][i, j, k], stats["median_ci_high"][i, j, k] = median_ci(values[k], options)
             for k, (x, y) in enumerate(CORRELATED):
-                spearman[i, j, k] = _spearman(values[SUMMARISED.index(x)], values[SUMMARISED.index(y)])
+                spearman[i, j, k] = _spearman(values[summarised.index(x)], values[summarised.index(y)])
     level = f"{options.confidence_level:.0%}"
     dims = ("model", "subset", "quantity")
     long_names = {
@@ -255,7 +310,7 @@ def model_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
     }
     ds = xr.Dataset(
         {f"model_{name}": (dims, values, {"long_name": long_names[name], "units": "unit of the quantity"}) for name, values in stats.items()},
-        coords={"model": models, "subset": list(SUBSETS), "quantity": list(SUMMARISED), "pair": [f"{x}~{y}" for x, y in CORRELATED]},
+        coords={"model": models, "subset": list(SUBSETS), "quantity": list(summarised), "pair": [f"{x}~{y}" for x, y in CORRELATED]},
     )
     ds["model_n_images"] = (("model", "subset"), n_images, {"long_name": "images the subset's statistics rest on", "units": "1"})
     ds["model_spearman"] = (
@@ -305,16 +360,24 @@ def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datase
     and the gain over the first grid point (smallest lambda) with its paired CI."""
     healthy = healthy_models(stacked)
     points = _grid_points(stacked, healthy)
-    lam = {str(label): float(lam) for label, lam in zip(stacked["setting"].values, stacked["lam"].values)}
-    shape = (len(points), len(SUBSETS), len(SUMMARISED))
+    per_point = {str(label): i for i, label in enumerate(stacked["setting"].values)}
+    lam, strength = ({p: float(stacked[v].values[per_point[p]]) for p in points} for v in ("lam", "strength"))
+    method = {p: str(stacked["method"].values[per_point[p]]) for p in points}
+    summarised = quantities(stacked)
+    shape = (len(points), len(SUBSETS), len(summarised))
     names = ("mean_median", "mean_median_ci_low", "mean_median_ci_high", "seed_sd", "gain", "gain_ci_low", "gain_ci_high")
     stats = {name: np.full(shape, np.nan) for name in names}
-    baseline = next((models for models in points.values() if models), [])
+    # each method's gains are over its own smallest strength (the first of its grid points)
+    baselines = {}
+    for point, models in points.items():
+        if models:
+            baselines.setdefault(method[point], models)
     for j, subset in enumerate(SUBSETS):
         mask = subset_mask(stacked, subset)
-        for i, models in enumerate(points.values()):
+        for i, (point, models) in enumerate(points.items()):
             if not models:
                 continue
+            baseline = baselines.get(method[point], [])
             if models is not baseline and baseline:
                 pair = _masked(stacked, mask, [*baseline, *models])
                 groups = [range(len(baseline)), range(len(baseline), len(baseline) + len(models))]
@@ -332,7 +395,7 @@ def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datase
         "mean_median_ci_low": f"lower end of the {level} CI (seeds and images resampled)",
         "mean_median_ci_high": f"upper end of the {level} CI (seeds and images resampled)",
         "seed_sd": "standard deviation over seeds of the per-model median",
-        "gain": "mean median minus that of the first grid point (smallest lambda)",
+        "gain": "mean median minus that of the method's first grid point (its smallest strength)",
         "gain_ci_low": f"lower end of the gain's {level} CI (paired images, seeds resampled)",
         "gain_ci_high": f"upper end of the gain's {level} CI (paired images, seeds resampled)",
     }
@@ -341,20 +404,31 @@ def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datase
             f"grid_{name}": (("grid_point", "subset", "quantity"), v, {"long_name": long_names[name], "units": "unit of the quantity"})
             for name, v in stats.items()
         },
-        coords={"grid_point": list(points), "subset": list(SUBSETS), "quantity": list(SUMMARISED)},
+        coords={"grid_point": list(points), "subset": list(SUBSETS), "quantity": list(summarised)},
     )
-    ds = ds.assign_coords(grid_lam=("grid_point", [lam[p] for p in points], {"long_name": "lambda of the grid point", "units": "1"}))
+    ds = ds.assign_coords(
+        grid_lam=("grid_point", [float(lam[p]) for p in points], {"long_name": "lambda of the grid point (NaN: not gradnorm)", "units": "1"}),
+        grid_method=("grid_point", [str(method[p]) for p in points], {"long_name": "training method of the grid point"}),
+        grid_strength=("grid_point", [float(strength[p]) for p in points], {"long_name": "the method's strength (lambda or epsilon)", "units": "1"}),
+    )
     ds["grid_n_seeds"] = ("grid_point", [len(m) for m in points.values()], {"long_name": "non-degenerate replicate models", "units": "1"})
     return ds
 
 
-def _trend_statistic(lam: np.ndarray) -> Callable[[np.ndarray, list[list[int]]], np.ndarray]:
-    robustness, alignment = SUMMARISED.index("robustness"), SUMMARISED.index("alignment")
-
+def _trend_statistic(
+    found: Sequence[Trend], summarised: Sequence[str], strength: np.ndarray, method: np.ndarray
+) -> Callable[[np.ndarray, list[list[int]]], np.ndarray]:
     def statistic(medians: np.ndarray, picked: list[list[int]]) -> np.ndarray:
-        models = [m for seeds in picked for m in seeds]
-        columns = {"lam": lam[models], "alignment": medians[models, alignment], "robustness": medians[models, robustness]}
-        return np.array([_spearman(columns[x], columns[y]) for x, y in TRENDS])
+        models = np.array([m for seeds in picked for m in seeds])
+
+        def column(name: str, chosen: np.ndarray) -> np.ndarray:
+            return strength[chosen] if name == "strength" else medians[chosen, summarised.index(name)]
+
+        values = []
+        for trend in found:
+            chosen = models if trend.method is None else models[method[models] == trend.method]
+            values.append(_spearman(column(trend.x, chosen), column(trend.y, chosen)))
+        return np.array(values)
 
     return statistic
 
@@ -370,15 +444,18 @@ def trend_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
     for group in points:
         groups.append(range(start, start + len(group)))
         start += len(group)
-    lam = stacked["lam"].sel(model=models).values.astype(np.float64) if models else np.array([])
-    shape = (len(SUBSETS), len(TRENDS))
+    found = trends(stacked)
+    strength = stacked["strength"].sel(model=models).values.astype(np.float64) if models else np.array([])
+    method = np.array([str(m) for m in stacked["method"].sel(model=models).values] if models else [], dtype=object)
+    shape = (len(SUBSETS), len(found))
     estimate, low, high = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
     n_models = np.full(len(SUBSETS), len(models), dtype=np.int64)
     for j, subset in enumerate(SUBSETS):
         if len(models) < 3:
             continue
         values = _masked(stacked, subset_mask(stacked, subset), models)
-        estimate[j], low[j], high[j] = hierarchical_bootstrap(values, groups, _trend_statistic(lam), options)
+        statistic = _trend_statistic(found, quantities(stacked), strength, method)
+        estimate[j], low[j], high[j] = hierarchical_bootstrap(values, groups, statistic, options)
     level = f"{options.confidence_level:.0%}"
     ds = xr.Dataset(
         {
@@ -387,14 +464,14 @@ def trend_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
             "trend_spearman_ci_high": (("subset", "trend"), high, {"long_name": f"upper end of its {level} CI", "units": "1"}),
             "trend_n_models": ("subset", n_models, {"long_name": "non-degenerate models (points) in the correlation", "units": "1"}),
         },
-        coords={"subset": list(SUBSETS), "trend": [f"median {x} ~ median {y}".replace("median lam", "lambda") for x, y in TRENDS]},
+        coords={"subset": list(SUBSETS), "trend": [t.name for t in found]},
     )
     return ds
 
 
 def _quantity_columns(stats: xr.Dataset, level: str, names: Sequence[str]) -> dict[str, float]:
     """``<quantity>_<statistic>`` columns from the ``<level>_<statistic>`` variables."""
-    return {f"{q}_{name}": float(stats[f"{level}_{name}"].sel(quantity=q)) for q in SUMMARISED for name in names}
+    return {f"{q}_{name}": float(stats[f"{level}_{name}"].sel(quantity=q)) for q in stats["quantity"].values for name in names}
 
 
 def model_table(summary: xr.Dataset) -> pd.DataFrame:
@@ -407,6 +484,8 @@ def model_table(summary: xr.Dataset) -> pd.DataFrame:
             row: dict[str, object] = {
                 "model": str(model),
                 "setting": str(m["setting"].values),
+                "method": str(m["method"].values),
+                "strength": float(m["strength"]),
                 "lambda": float(m["lam"]),
                 "seed": int(m["seed"]),
                 "sensitivity": str(m["sensitivity"].values),
@@ -436,6 +515,8 @@ def grid_table(summary: xr.Dataset) -> pd.DataFrame:
             s = g.sel(subset=subset)
             row: dict[str, object] = {
                 "grid_point": str(point),
+                "method": str(g["grid_method"].values),
+                "strength": float(g["grid_strength"]),
                 "lambda": float(g["grid_lam"]),
                 "n_seeds": int(g["grid_n_seeds"]),
                 "subset": subset,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from saliency_robustness.data import class_names, open_split, seeded_subset
+from saliency_robustness.data import MNIST_INPUT_SPACE, InputSpace, class_names, open_split, seeded_subset
 from saliency_robustness.errors import ConfigError, PipelineError, TrainingDiverged
 from saliency_robustness.models import ModelSpec, build_model, degenerate_reason, load_initial_weights, save_model
 from saliency_robustness.runtime import full_precision, progress, resolve_device
@@ -96,6 +96,82 @@ def regularized_loss(
     return LossTerms(ce + lam * penalty, ce.detach(), penalty.detach(), int((logits.argmax(1) == y).sum()))
 
 
+@dataclass(frozen=True)
+class AdversarialTraining:
+    """L2 PGD adversarial training (docs/spec.md §3): the model steps on PGD adversarials of
+    radius ``epsilon`` of its training batch, found against the training label in eval mode."""
+
+    epsilon: float
+    steps: int = 7
+    step_size: float | None = None  # None: 2.5 * epsilon / steps (Madry et al.)
+    random_start: bool = True
+    clean_fraction: float = 0.0
+
+    @property
+    def step(self) -> float:
+        return self.step_size if self.step_size is not None else 2.5 * self.epsilon / self.steps
+
+    @classmethod
+    def from_config(cls, epsilon: float, options: Mapping[str, Any]) -> AdversarialTraining:
+        return cls(epsilon=float(epsilon), **{k: v for k, v in options.items() if k != "epsilons"})
+
+
+def _per_example_norm(v: torch.Tensor) -> torch.Tensor:
+    return v.flatten(1).norm(dim=1).view(-1, *([1] * (v.ndim - 1)))
+
+
+def project(x: torch.Tensor, delta: torch.Tensor, epsilon: float, bounds: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``delta`` projected onto the L2 ball of radius ``epsilon``, then ``x + delta`` clipped to
+    the box. Clipping moves every coordinate towards ``x`` (which lies in the box), so the
+    result stays in the ball."""
+    delta = delta * torch.clamp(epsilon / _per_example_norm(delta).clamp_min(1e-12), max=1.0)
+    low, high = bounds
+    return torch.maximum(torch.minimum(x + delta, high), low) - x
+
+
+def pgd_l2(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    options: AdversarialTraining,
+    bounds: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Projected gradient ascent on the cross-entropy at label ``y`` in the L2 ball of radius
+    ``epsilon`` around ``x``, inside the box ``bounds``: normalised gradient steps of length
+    ``options.step``, from ``x`` or a uniform random point of the ball. Runs the model as it is
+    (the caller sets eval mode) and returns a detached batch."""
+    x = x.detach()
+    if options.random_start:
+        direction = torch.randn_like(x)
+        direction = direction / _per_example_norm(direction).clamp_min(1e-12)
+        radius = options.epsilon * torch.rand(len(x), device=x.device, dtype=x.dtype) ** (1.0 / x[0].numel())
+        delta = project(x, direction * radius.view(-1, *([1] * (x.ndim - 1))), options.epsilon, bounds)
+    else:
+        delta = torch.zeros_like(x)
+    for _ in range(options.steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, delta)
+        delta = project(x, delta.detach() + options.step * grad / _per_example_norm(grad).clamp_min(1e-12), options.epsilon, bounds)
+    return (x + delta).detach()
+
+
+def adversarial_batch(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, options: AdversarialTraining, bounds: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """The batch the model trains on: PGD adversarials found in eval mode (batch norm and dropout
+    as at test time), except the first ``clean_fraction`` of the (shuffled) batch, kept clean."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        n_clean = round(options.clean_fraction * len(x))
+        adversarial = pgd_l2(model, x[n_clean:], y[n_clean:], options, bounds)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return torch.cat([x[:n_clean], adversarial])
+
+
 def freeze_batchnorm(model: nn.Module) -> None:
     """Keep batch norm in eval mode (frozen statistics) while the rest trains."""
     for module in model.modules():
@@ -156,14 +232,20 @@ def fit(
     device: torch.device,
     resume_file: Path | None = None,
     resume_key: str = "",
+    adversarial: AdversarialTraining | None = None,
+    space: InputSpace = MNIST_INPUT_SPACE,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place; return the per-step log.
 
-    With ``resume_file``, the state after every epoch is saved there, and a run that finds
-    a state with the same ``resume_key`` continues after its last completed epoch.
+    With ``adversarial``, every batch is replaced by its PGD adversarials (inside the box of
+    the input ``space``) before the step. With ``resume_file``, the state after every epoch is
+    saved there, and a run that finds a state with the same ``resume_key`` continues after its
+    last completed epoch.
     """
     with full_precision():
-        return _fit(model, train_set, train, lam, device=device, resume_file=resume_file, resume_key=resume_key)
+        return _fit(
+            model, train_set, train, lam, device=device, resume_file=resume_file, resume_key=resume_key, adversarial=adversarial, space=space
+        )
 
 
 def _fit(
@@ -175,8 +257,11 @@ def _fit(
     device: torch.device,
     resume_file: Path | None,
     resume_key: str,
+    adversarial: AdversarialTraining | None,
+    space: InputSpace,
 ) -> list[dict[str, float]]:
     model.to(device)
+    bounds = space.input_bounds(device)
     optimizer = make_optimizer(model, train)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=train["lr_step_epochs"], gamma=train["lr_gamma"])
     rows: list[dict[str, float]] = []
@@ -207,11 +292,14 @@ def _fit(
         for i, (x, y) in enumerate(bar):
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
+            if adversarial is not None:
+                x = adversarial_batch(model, x, y, adversarial, bounds)
             terms = regularized_loss(model, x, y, lam=lam, sensitivity=train["sensitivity"], p=train["p"])
             if not torch.isfinite(terms.loss):
                 raise TrainingDiverged(
-                    f"loss became {terms.loss.item()} at step {step} (epoch {epoch + 1}) with lambda={lam:g}; "
-                    "lower lambda or the learning rate"
+                    f"loss became {terms.loss.item()} at step {step} (epoch {epoch + 1}) with "
+                    + (f"PGD epsilon={adversarial.epsilon:g}; lower epsilon" if adversarial else f"lambda={lam:g}; lower lambda")
+                    + " or the learning rate"
                 )
             # the mean over the optimizer step's batches (fewer in the epoch's last group)
             group = min(accumulate, batches - (i // accumulate) * accumulate)
@@ -282,8 +370,18 @@ def write_log(rows: list[dict[str, float]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def model_spec(name: str, lam: float, dataset: Mapping[str, Any], model: Mapping[str, Any], train: Mapping[str, Any]) -> ModelSpec:
-    """The spec of grid member ``name`` (its lambda plus the shared options)."""
+def model_spec(
+    name: str,
+    lam: float,
+    dataset: Mapping[str, Any],
+    model: Mapping[str, Any],
+    train: Mapping[str, Any],
+    *,
+    method: str = "gradnorm",
+    epsilon: float | None = None,
+) -> ModelSpec:
+    """The spec of grid member ``name``: its method and strength (lambda, or the PGD radius
+    epsilon) plus the shared options."""
     shared = {k: v for k, v in train.items() if k != "lambdas"}
     return ModelSpec(
         name=name,
@@ -298,6 +396,8 @@ def model_spec(name: str, lam: float, dataset: Mapping[str, Any], model: Mapping
         architecture_options=dict(model["options"]),
         training={**shared, "dataset": dict(dataset)},
         weights=model["weights"],
+        method=method,
+        epsilon=epsilon,
     )
 
 
@@ -320,8 +420,8 @@ def train_stage(
     """Train one model of the grid and write ``models/<model>/`` atomically:
     ``model.pt``, ``spec.json``, ``training_log.csv`` and ``test_accuracy.json``."""
     device = resolve_device()
-    log.info("training %s (lambda=%g) on %s", spec.name, spec.lam, device)
-    train_split, _ = open_split(dataset, data_root, "train")
+    log.info("training %s (%s, strength %g) on %s", spec.name, spec.method, spec.strength, device)
+    train_split, space = open_split(dataset, data_root, "train")
     check_classes(spec, class_names(train_split))
     train_set, _ = seeded_subset(train_split, train["n_train"], train["seed"])
     test_set, _ = open_split(dataset, data_root, "test")
@@ -331,7 +431,10 @@ def train_stage(
     if resume is not None:
         resume.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows = fit(model, train_set, train, spec.lam, device=device, resume_file=resume, resume_key=resume_key)
+    adversarial = AdversarialTraining.from_config(spec.strength, train["adversarial"]) if spec.method == "adversarial" else None
+    rows = fit(
+        model, train_set, train, spec.lam, device=device, resume_file=resume, resume_key=resume_key, adversarial=adversarial, space=space
+    )
     seconds = time.perf_counter() - started
     test_accuracy, majority_share = test_performance(model, test_set, device=device, num_workers=train["num_workers"])
     log.info("test accuracy %.4f on %d images after %.1f s of training", test_accuracy, len(test_set), seconds)  # type: ignore[arg-type]

@@ -1,0 +1,152 @@
+"""Two routes to robustness and several attribution maps in one summary (docs/spec.md §3, §6):
+models stacked by method and strength, each method's gains over its own smallest strength,
+per-method trends, per-attribution alignment, and every figure drawn from such a summary."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+from scipy.stats import spearmanr
+
+from saliency_robustness.config import MODEL_NAME_PATTERN, model_name, validate_config
+from saliency_robustness.data import MNIST_INPUT_SPACE, eval_dataset
+from saliency_robustness.errors import ConfigError
+from saliency_robustness.models import ModelSpec
+from saliency_robustness.stages.figures import FIGURES, figure_stage
+from saliency_robustness.stages.summary import BootstrapOptions, summary_stage
+from saliency_robustness.stores import write_store
+
+N = 24
+OPTIONS = BootstrapOptions(n_resamples=300, seed=0)
+GRID = [("gradnorm", 0.0), ("gradnorm", 1.0), ("adversarial", 0.5), ("adversarial", 2.0)]
+SEEDS = [0, 1]
+ATTRIBUTIONS = ["gradient", "smoothgrad", "integrated_gradients"]
+
+
+def fake_metrics(method: str, strength: float, i: int) -> xr.Dataset:
+    rng = np.random.default_rng(i)
+    robustness = rng.gamma(2.0, 0.5 + (strength if method == "gradnorm" else 0.5 * strength), N)
+    alignment = 0.5 * robustness + rng.normal(0, 0.05, N)
+    per_image = {q: rng.uniform(0.1, 1.0, N) for q in (
+        "alignment_cosine", "linearized_robustness", "homogeneity", "homogeneous_term", "bias_term_signed",
+        "bound_angle_term", "bound_bias_term")}  # fmt: skip
+    per_image |= {"alignment": alignment, "robustness": robustness, "correct": rng.uniform(size=N) < 0.8}
+    ds = xr.Dataset({k: ("sample", v, {"long_name": k, "units": "1"}) for k, v in per_image.items()}, coords={"sample": np.arange(N)})
+    scale = np.array([1.0, 0.8, 0.6])[None, :]  # smoothgrad and IG: proportional alignment, so trends keep their sign
+    ds = ds.assign_coords(attribution=ATTRIBUTIONS)
+    ds["attribution_alignment"] = (("sample", "attribution"), alignment[:, None] * scale, {"long_name": "alignment", "units": "L2"})
+    ds["attribution_alignment_cosine"] = (("sample", "attribution"), alignment[:, None] * scale / 9, {"long_name": "cosine", "units": "1"})
+    return ds
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):  # noqa: ANN001, ANN201
+    root = tmp_path_factory.mktemp("mixed")
+    models, paths, dirs = [], [], []
+    for i, ((method, strength), seed) in enumerate((p, s) for p in GRID for s in SEEDS):
+        model = model_name(strength, seed, method)
+        models.append(model)
+        write_store(fake_metrics(method, strength, i), root / "metrics" / f"{model}.zarr")
+        d = root / "models" / model
+        d.mkdir(parents=True)
+        lam = strength if method == "gradnorm" else 0.0
+        epsilon = strength if method == "adversarial" else None
+        spec = ModelSpec(name=model, architecture="mnist_cnn", lam=lam, seed=seed, training={"seed": seed}, method=method, epsilon=epsilon)
+        (d / "spec.json").write_text(spec.to_json())
+        (d / "test_accuracy.json").write_text(json.dumps({"test_accuracy": 0.95, "majority_class_share": 0.12}))
+        paths.append(root / "metrics" / f"{model}.zarr")
+        dirs.append(d)
+        maps = np.random.default_rng(i).normal(size=(len(ATTRIBUTIONS), N, 1, 8, 8))
+        saliency = xr.Dataset(
+            {"saliency": (("sample", "channel", "y", "x"), maps[0]), "attribution_map": (("attribution", "sample", "channel", "y", "x"), maps)},
+            coords={"attribution": ATTRIBUTIONS},
+        )
+        write_store(saliency, root / "saliency" / f"{model}.zarr")
+    order = list(reversed(range(len(models))))  # stacking must sort by method, then strength
+    summary_stage(
+        models=[models[i] for i in order],
+        metrics_stores=[paths[i] for i in order],
+        model_dirs=[dirs[i] for i in order],
+        output_zarr=root / "summary.zarr",
+        output_csv=root / "summary.csv",
+        output_grid_csv=root / "summary_grid.csv",
+        output_trends_csv=root / "summary_trends.csv",
+        options=OPTIONS,
+    )
+    images = np.random.default_rng(0).random((N, 1, 8, 8)).astype(np.float32)
+    write_store(eval_dataset(images, np.arange(N) % 10, np.arange(N), MNIST_INPUT_SPACE), root / "eval.zarr")
+    return root, models
+
+
+def test_models_are_stacked_by_method_then_strength_with_lambda_only_for_gradnorm(mixed) -> None:  # noqa: ANN001
+    root, models = mixed
+    summary = xr.open_zarr(root / "summary.zarr")
+    assert list(summary["model"].values) == models
+    assert list(summary["method"].values) == [m for m, _ in GRID for _ in SEEDS]
+    np.testing.assert_array_equal(summary["strength"].values, [s for _, s in GRID for _ in SEEDS])
+    lam = summary["lam"].values
+    assert np.isnan(lam[summary["method"].values == "adversarial"]).all() and list(lam[:4]) == [0, 0, 1, 1]
+    assert list(summary["grid_method"].values) == [m for m, _ in GRID]
+
+
+def test_each_attribution_map_is_a_summarised_quantity(mixed) -> None:  # noqa: ANN001
+    root, models = mixed
+    summary = xr.open_zarr(root / "summary.zarr")
+    quantities = list(summary["quantity"].values)
+    for a in ATTRIBUTIONS[1:]:
+        assert f"alignment_{a}" in quantities and f"alignment_cosine_{a}" in quantities
+    metrics = xr.open_zarr(root / "metrics" / f"{models[0]}.zarr")
+    expected = np.median(metrics["attribution_alignment"].sel(attribution="smoothgrad").values)
+    assert float(summary["model_median"].sel(model=models[0], subset="all", quantity="alignment_smoothgrad")) == pytest.approx(expected)
+
+
+def test_gains_are_over_each_methods_own_smallest_strength(mixed) -> None:  # noqa: ANN001
+    root, models = mixed
+    summary = xr.open_zarr(root / "summary.zarr").sel(subset="all", quantity="robustness")
+    gain, mean = summary["grid_gain"].values, summary["grid_mean_median"].values
+    assert np.isnan(gain[0]) and np.isnan(gain[2])  # each method's baseline
+    assert gain[1] == pytest.approx(mean[1] - mean[0])
+    assert gain[3] == pytest.approx(mean[3] - mean[2])  # PGD against PGD, not against lambda = 0
+
+
+def test_trends_per_method_use_only_that_methods_models(mixed) -> None:  # noqa: ANN001
+    root, models = mixed
+    summary = xr.open_zarr(root / "summary.zarr").sel(subset="all")
+    trends = list(summary["trend"].values)
+    assert trends[:3] == ["median alignment ~ median robustness", "lambda ~ median robustness", "lambda ~ median alignment"]
+    assert {"epsilon ~ median robustness", "adversarial: median alignment ~ median robustness",
+            "median alignment_smoothgrad ~ median robustness"} <= set(trends)  # fmt: skip
+    pgd = summary["method"].values == "adversarial"
+    medians = summary["model_median"].sel(quantity="robustness").values[pgd]
+    expected = spearmanr(summary["strength"].values[pgd], medians).statistic
+    assert float(summary["trend_spearman"].sel(trend="epsilon ~ median robustness")) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("figure", sorted(FIGURES))
+def test_every_figure_is_drawn_from_a_two_method_summary(mixed, figure: str) -> None:  # noqa: ANN001
+    root, models = mixed
+    outputs = [root / "figures" / f"{figure}.png", root / "figures" / f"{figure}.pdf"]
+    outputs[0].parent.mkdir(exist_ok=True)
+    figure_stage(
+        figure=figure,
+        summary_store=root / "summary.zarr",
+        eval_store=root / "eval.zarr",
+        saliency_stores=[root / "saliency" / f"{m}.zarr" for m in models],
+        outputs=outputs,
+        options={"gallery_samples": 5, "dpi": 50, "subset": "all"},
+    )
+    assert outputs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_names_say_the_method_and_match_the_wildcard() -> None:
+    import re
+
+    assert model_name(1.5, 0, "adversarial") == "pgd-eps1.5-seed0" and model_name(0.3, 2) == "gradnorm-lambda0.3-seed2"
+    assert all(re.fullmatch(MODEL_NAME_PATTERN, n) for n in ("pgd-eps1.5-seed0", "gradnorm-lambda1e-05-seed3"))
+    with pytest.raises(ConfigError, match="train.adversarial.epsilons"):
+        from saliency_robustness.config import model_grid
+
+        model_grid(validate_config({"experiment": "x", "train": {"method": "adversarial"}}))
