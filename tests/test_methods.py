@@ -123,6 +123,8 @@ def test_trends_per_method_use_only_that_methods_models(mixed) -> None:  # noqa:
     medians = summary["model_median"].sel(quantity="robustness").values[pgd]
     expected = spearmanr(summary["strength"].values[pgd], medians).statistic
     assert float(summary["trend_spearman"].sel(trend="epsilon ~ median robustness")) == pytest.approx(expected)
+    assert int(summary["trend_points"].sel(trend="epsilon ~ median robustness")) == pgd.sum() == 4
+    assert int(summary["trend_points"].sel(trend="median alignment ~ median robustness")) == len(models)
 
 
 @pytest.mark.parametrize("figure", sorted(FIGURES))

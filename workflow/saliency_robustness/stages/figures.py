@@ -160,7 +160,7 @@ def trend_text(summary: xr.Dataset, subset: str, trend: str) -> str:
     value, low, high = (float(t[v]) for v in ("trend_spearman", "trend_spearman_ci_low", "trend_spearman_ci_high"))
     if not np.isfinite(value):
         return f"{trend}: too few models for a rank correlation"
-    return f"{trend}: Spearman {value:.2f} [{low:.2f}, {high:.2f}] ({_level(summary)} CI, {int(t['trend_n_models'])} models)"
+    return f"{trend}: Spearman {value:.2f} [{low:.2f}, {high:.2f}] ({_level(summary)} CI, {int(t['trend_points'])} models)"
 
 
 def footer(fig: plt.Figure, summary: xr.Dataset, subset: str) -> None:

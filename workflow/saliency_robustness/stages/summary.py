@@ -462,7 +462,12 @@ def trend_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
             "trend_spearman": (("subset", "trend"), estimate, {"long_name": "Spearman rank correlation across models", "units": "1"}),
             "trend_spearman_ci_low": (("subset", "trend"), low, {"long_name": f"lower end of its {level} CI", "units": "1"}),
             "trend_spearman_ci_high": (("subset", "trend"), high, {"long_name": f"upper end of its {level} CI", "units": "1"}),
-            "trend_n_models": ("subset", n_models, {"long_name": "non-degenerate models (points) in the correlation", "units": "1"}),
+            "trend_n_models": ("subset", n_models, {"long_name": "non-degenerate models in the across-model statistics", "units": "1"}),
+            "trend_points": (
+                ("subset", "trend"),
+                np.tile([int(sum(method == t.method) if t.method else len(models)) for t in found], (len(SUBSETS), 1)),
+                {"long_name": "models (points) in this correlation: all non-degenerate ones, or those of its method", "units": "1"},
+            ),
         },
         coords={"subset": list(SUBSETS), "trend": [t.name for t in found]},
     )
@@ -531,7 +536,7 @@ def grid_table(summary: xr.Dataset) -> pd.DataFrame:
 def trend_table(summary: xr.Dataset) -> pd.DataFrame:
     """One row per subset and trend (``summary_trends.csv``)."""
     frame = summary[["trend_spearman", "trend_spearman_ci_low", "trend_spearman_ci_high"]].to_dataframe().reset_index()
-    frame["n_models"] = [int(summary["trend_n_models"].sel(subset=s)) for s in frame["subset"]]
+    frame["n_models"] = [int(summary["trend_points"].sel(subset=s, trend=t)) for s, t in zip(frame["subset"], frame["trend"])]
     frame["excluded_degenerate_models"] = " ".join(json.loads(summary.attrs.get("excluded_degenerate_models", "[]")))
     return frame.rename(columns=lambda c: c.removeprefix("trend_"))
 
