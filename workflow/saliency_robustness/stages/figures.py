@@ -84,6 +84,8 @@ class FigureInputs:
         return str(self.summary["robustness"].attrs.get("units", "distance"))
 
 
+#: short display names of the attribution maps
+ATTRIBUTION_NAMES = {"gradient": "gradient", "smoothgrad": "SmoothGrad", "integrated_gradients": "IG"}
 #: per training method: marker of a model, marker of a grid point (mean over seeds), palette by strength
 METHOD_STYLE = {"gradnorm": ("o", "D", "viridis"), "adversarial": ("s", "h", "flare")}
 
@@ -94,7 +96,8 @@ def quantity_name(quantity: str) -> str:
         return NAMES[quantity]
     for stem, name in (("alignment_cosine_", "alignment |cos∠(x, a)|, a = "), ("alignment_", "alignment α(x) of ")):
         if quantity.startswith(stem):
-            return name + quantity.removeprefix(stem).replace("_", " ")
+            attribution = quantity.removeprefix(stem)
+            return name + ATTRIBUTION_NAMES.get(attribution, attribution)
     return quantity.replace("_", " ")
 
 
@@ -410,7 +413,7 @@ def attribution_alignment_vs_robustness(inputs: FigureInputs) -> plt.Figure:
         quantity = "alignment" if attribution == "gradient" else f"alignment_{attribution}"
         _median_plot(ax, inputs, models, grid, "robustness", quantity)
         trend = f"median {quantity} ~ median robustness"
-        ax.set_title(f"{attribution.replace('_', ' ')}\n" + trend_text(summary, subset, trend).split(": ", 1)[1], fontsize="small")
+        ax.set_title(f"{ATTRIBUTION_NAMES.get(attribution, attribution)}\n" + trend_text(summary, subset, trend).split(": ", 1)[1], fontsize="small")
         if k:
             ax.get_legend().remove()
     fig.suptitle("Alignment of each attribution map (of the predicted logit, signed) against robustness")
@@ -493,7 +496,7 @@ def saliency_gallery(inputs: FigureInputs) -> plt.Figure:
                 shown = np.linalg.norm(g, axis=0)
                 im = axes[row, col].imshow(shown, cmap="magma", vmin=0, vmax=float(shown.max()) or 1.0)
         suffix = "" if not rgb else f"\n{kind}"
-        prefix = "" if len(attributions) == 1 else f"{str(attribution).replace('_', ' ')}\n"
+        prefix = "" if len(attributions) == 1 else f"{ATTRIBUTION_NAMES.get(str(attribution), attribution)}\n"
         axes[row, 0].set_ylabel(f"{prefix}{lam[model]}{suffix}", fontsize="small")
     for ax in axes.flat:
         ax.set_xticks([])
