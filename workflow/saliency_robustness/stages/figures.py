@@ -412,6 +412,7 @@ def attribution_alignment_vs_robustness(inputs: FigureInputs) -> plt.Figure:
     for k, (ax, attribution) in enumerate(zip(axes[0], attributions)):
         quantity = "alignment" if attribution == "gradient" else f"alignment_{attribution}"
         _median_plot(ax, inputs, models, grid, "robustness", quantity)
+        ax.set_ylabel(f"median |⟨x, a⟩| / ‖a‖ ({inputs.summary[quantity].attrs.get('units', '')})")
         trend = f"median {quantity} ~ median robustness"
         ax.set_title(f"{ATTRIBUTION_NAMES.get(attribution, attribution)}\n" + trend_text(summary, subset, trend).split(": ", 1)[1], fontsize="small")
         if k:
