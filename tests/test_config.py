@@ -79,7 +79,8 @@ def test_seeds_make_the_grid_lambda_by_seed() -> None:
     config = validate_config({"experiment": "x", "train": {"lambdas": [0, 0.5], "seeds": [0, 4]}})
     grid = model_grid(config)
     assert list(grid) == ["gradnorm-lambda0-seed0", "gradnorm-lambda0-seed4", "gradnorm-lambda0.5-seed0", "gradnorm-lambda0.5-seed4"]
-    assert grid["gradnorm-lambda0.5-seed4"] == GridPoint(lam=0.5, seed=4)
+    assert grid["gradnorm-lambda0.5-seed4"] == GridPoint(method="gradnorm", strength=0.5, seed=4)
+    assert grid["gradnorm-lambda0.5-seed4"].lam == 0.5 and grid["gradnorm-lambda0.5-seed4"].epsilon is None
     # a single-seed config keeps working: seed is short for seeds: [seed]
     assert list(model_grid(validate_config({"experiment": "x", "train": {"lambdas": [0.1], "seed": 2}}))) == ["gradnorm-lambda0.1-seed2"]
     with pytest.raises(ConfigError, match="appears twice"):
