@@ -11,6 +11,7 @@ import torch
 import xarray as xr
 from scipy.stats import spearmanr
 
+from saliency_robustness.config import model_name
 from saliency_robustness.data import MNIST_INPUT_SPACE, eval_dataset
 from saliency_robustness.errors import StoreError
 from saliency_robustness.models import ModelSpec, degenerate_reason
@@ -63,7 +64,7 @@ def fake_metrics(lam: float, seed: int) -> xr.Dataset:
 
 
 def name(lam: float, seed: int) -> str:
-    return f"gradnorm-lambda{lam:g}-seed{seed}"
+    return model_name(lam, seed)
 
 
 @pytest.fixture(scope="module")
