@@ -153,9 +153,9 @@ def compute_saliency(
     """
     device = resolve_device(device)
     options = attributions or AttributionOptions()
-    space = space or InputSpace(pixel_offset=(0.0,) * int(image_tensor(images).shape[1]))
     methods = options.names
     images = image_tensor(images)
+    space = space or InputSpace(pixel_offset=(0.0,) * images.shape[1])
     dtype = model_dtype(model)
     maps = np.empty((len(methods), *images.shape), dtype=numpy_dtype(dtype))
     completeness = np.full(len(images), np.nan)

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from saliency_robustness.data import MNIST_INPUT_SPACE, InputSpace, class_names, open_split, seeded_subset
 from saliency_robustness.errors import ConfigError, PipelineError, TrainingDiverged
+from saliency_robustness.evaluation import evaluation_mode
 from saliency_robustness.models import ModelSpec, build_model, degenerate_reason, load_initial_weights, save_model
 from saliency_robustness.runtime import full_precision, progress, resolve_device
 from saliency_robustness.stores import atomic_directory
@@ -161,14 +162,9 @@ def adversarial_batch(
 ) -> torch.Tensor:
     """The batch the model trains on: PGD adversarials found in eval mode (batch norm and dropout
     as at test time), except the first ``clean_fraction`` of the (shuffled) batch, kept clean."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        n_clean = round(options.clean_fraction * len(x))
+    n_clean = round(options.clean_fraction * len(x))
+    with evaluation_mode(model, x.device):  # restores every module's train flag afterwards
         adversarial = pgd_l2(model, x[n_clean:], y[n_clean:], options, bounds)
-    finally:
-        for module, training in modes.items():
-            module.training = training
     return torch.cat([x[:n_clean], adversarial])
 
 
