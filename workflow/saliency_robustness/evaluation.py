@@ -16,7 +16,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from saliency_robustness.runtime import full_precision, progress
+from saliency_robustness.runtime import eval_mode, full_precision, progress
 from saliency_robustness.stores import provenance
 
 IMAGE_DIMS = ("sample", "channel", "y", "x")
@@ -54,14 +54,8 @@ def evaluation_mode(model: nn.Module, device: torch.device) -> Iterator[nn.Modul
     Eval mode is what makes the samples of a batch independent (no batch statistics, no
     dropout), so the gradient of a logit summed over the batch is each sample's gradient.
     """
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with torch.enable_grad(), full_precision():
-            yield model.to(device)
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with eval_mode(model), torch.enable_grad(), full_precision():
+        yield model.to(device)
 
 
 def batch_slices(n: int, batch_size: int, desc: str) -> Iterator[slice]:

@@ -51,6 +51,19 @@ def full_precision() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode inside the block (dropout off, batch norm frozen); every
+    submodule's own train/eval flag is restored afterwards."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 def configure_threads(threads: int) -> None:
     """Give torch exactly the cores Snakemake granted this job."""
     torch.set_num_threads(max(1, int(threads)))

@@ -34,9 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from saliency_robustness.data import MNIST_INPUT_SPACE, InputSpace, class_names, open_split, seeded_subset
 from saliency_robustness.errors import ConfigError, PipelineError, TrainingDiverged
-from saliency_robustness.evaluation import evaluation_mode
 from saliency_robustness.models import ModelSpec, build_model, degenerate_reason, load_initial_weights, save_model
-from saliency_robustness.runtime import full_precision, progress, resolve_device
+from saliency_robustness.runtime import eval_mode, full_precision, progress, resolve_device
 from saliency_robustness.stores import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -163,7 +162,7 @@ def adversarial_batch(
     """The batch the model trains on: PGD adversarials found in eval mode (batch norm and dropout
     as at test time), except the first ``clean_fraction`` of the (shuffled) batch, kept clean."""
     n_clean = round(options.clean_fraction * len(x))
-    with evaluation_mode(model, x.device):  # restores every module's train flag afterwards
+    with eval_mode(model):
         adversarial = pgd_l2(model, x[n_clean:], y[n_clean:], options, bounds)
     return torch.cat([x[:n_clean], adversarial])
 
