@@ -49,3 +49,23 @@ def tiny_experiment(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     eval_ds = eval_dataset(images, labels, np.arange(100, 112), MNIST_INPUT_SPACE, class_names=names)
     write_store(eval_ds, root / "data" / "eval.zarr")
     return {"root": root, "model_dir": model_dir, "eval": root / "data" / "eval.zarr"}
+
+
+def draw_figure(root: Path, models: list[str], figure: str) -> list[Path]:
+    """Draw ``figure`` through the figure stage from the stores under ``root`` (``summary.zarr``,
+    ``eval.zarr``, ``saliency/<model>.zarr``); return its PNG and PDF, both checked."""
+    from saliency_robustness.stages.figures import figure_stage
+
+    outputs = [root / "figures" / f"{figure}.png", root / "figures" / f"{figure}.pdf"]
+    outputs[0].parent.mkdir(exist_ok=True)
+    figure_stage(
+        figure=figure,
+        summary_store=root / "summary.zarr",
+        eval_store=root / "eval.zarr",
+        saliency_stores=[root / "saliency" / f"{m}.zarr" for m in models],
+        outputs=outputs,
+        options={"gallery_samples": 6, "dpi": 60, "subset": "all"},
+    )
+    assert outputs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert outputs[1].read_bytes()[:5] == b"%PDF-"
+    return outputs

@@ -75,10 +75,10 @@ class FigureInputs:
 
     @property
     def attributions(self) -> list[str]:
-        """``gradient`` and every other attribution map whose alignment the summary holds."""
-        quantities = [str(q) for q in self.summary["quantity"].values]
-        return ["gradient"] + [q.removeprefix("alignment_") for q in quantities if q.startswith("alignment_") and q != "alignment_cosine"
-                               and not q.startswith("alignment_cosine_")]  # fmt: skip
+        """``gradient`` and every other attribution map the summary holds (its ``attribution``
+        coordinate; a summary without one holds the gradient only)."""
+        stored = [str(a) for a in self.summary["attribution"].values] if "attribution" in self.summary.coords else []
+        return ["gradient"] + [a for a in stored if a != "gradient"]
 
     def distance_units(self) -> str:
         return str(self.summary["robustness"].attrs.get("units", "distance"))
