@@ -13,7 +13,7 @@ BASE = sorted(path.stem for path in PACKAGE_DIR.glob("*.py") if path.stem != "__
 
 
 def test_the_stages_are_the_pipelines_steps() -> None:
-    assert STAGES == [f"stages.{s}" for s in sorted(("training", "saliency", "attacks", "metrics", "summary", "figures"))]
+    assert STAGES == [f"stages.{s}" for s in sorted(("training", "external", "saliency", "attacks", "metrics", "summary", "figures"))]
     assert "evaluation" in BASE and "ensemble" in BASE and "robustness" in BASE
 
 

@@ -1,27 +1,33 @@
 # Config validation, the model grid, stage versions, and input functions.
+import re
 import sys
 
 from saliency_robustness.config import (
     MODEL_NAME_PATTERN,
     code_fingerprint,
     export_package_path,
+    external_models,
+    external_weights_hash,
     fingerprint,
     model_grid,
     model_train_settings,
     stage_modules,
     validate_config,
 )
-from saliency_robustness.errors import ConfigError
+from saliency_robustness.errors import PipelineError
 from saliency_robustness.stages import figures
 
 try:
     _validated = validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
-    MODELS = model_grid(_validated)
+    GRID = model_grid(_validated)  # trained models: name -> (method, strength, seed)
+    EXTERNAL = external_models(_validated)  # models.external: name -> entry
+    # what an external model is: the content of its weights, not where they lie or when they changed
+    WEIGHTS_SHA256 = {name: external_weights_hash(entry, _validated["data_root"]) for name, entry in EXTERNAL.items()}
     if workflow.is_main_process:  # once per run, not in every job: building attacks imports torch
         from saliency_robustness.ensemble import check_ensemble
 
         check_ensemble(_validated["attacks"]["ensemble"])
-except ConfigError as error:
+except PipelineError as error:
     sys.exit(f"error: {error}")
 config.clear()
 config.update(_validated)
@@ -33,6 +39,10 @@ RESULTS = f"results/{config['experiment']}"
 LOGS = f"{RESULTS}/logs"
 
 
+MODELS = [*GRID, *EXTERNAL]  # every model the stages after training analyse
+# an external model's name, literally (never matches when there is none)
+EXTERNAL_NAME_PATTERN = "|".join(re.escape(name) for name in EXTERNAL) or "(?!)"
+
 ATTACKS = config["attacks"]["ensemble"]  # name -> {attack, kwargs, refine}
 ATTACK_NAMES = sorted(ATTACKS)  # sorted: the config's key order must not look like a change
 BASE_ATTACKS = [name for name in ATTACK_NAMES if not ATTACKS[name]["refine"]]
@@ -40,7 +50,7 @@ FIGURES = list(figures.FIGURES)
 
 
 wildcard_constraints:
-    model=MODEL_NAME_PATTERN,
+    model=f"{MODEL_NAME_PATTERN}|{EXTERNAL_NAME_PATTERN}",
     attack="[A-Za-z0-9_]+",
     figure="|".join(FIGURES),
 
@@ -71,7 +81,7 @@ def model_dir(model):
 
 
 def train_settings(wildcards):
-    point = MODELS[wildcards.model]
+    point = GRID[wildcards.model]
     return canonical({
         "name": wildcards.model,
         "method": point.method,
@@ -90,6 +100,24 @@ def resume_file(wildcards):
 
 def train_version(wildcards):
     return stage_version("train", **train_settings(wildcards))
+
+
+def external_settings(wildcards):
+    """What an external model is: its entry without where its files lie (the job reads those
+    from the config) and without its attributes (labels: only the summary reads them)."""
+    entry = {k: v for k, v in EXTERNAL[wildcards.model].items() if k not in ("weights", "attributes")}
+    if "robustbench" in entry:
+        entry["robustbench"] = {k: v for k, v in entry["robustbench"].items() if k != "model_dir"}
+    return canonical({**entry, "weights_sha256": WEIGHTS_SHA256[wildcards.model], "dataset": dataset_identity()})
+
+
+def external_version(wildcards):
+    return stage_version("external", **external_settings(wildcards))
+
+
+def model_attributes():
+    """The external models' free-form attributes, for the summary's coordinates."""
+    return canonical({name: entry["attributes"] for name, entry in EXTERNAL.items()})
 
 
 EVAL_STORE = f"{RESULTS}/data/eval.zarr"

@@ -8,6 +8,7 @@ rule summary:
         trends_csv=f"{RESULTS}/summary_trends.csv",
     params:
         models=list(MODELS),
+        attributes=model_attributes(),
         options=canonical(config["summary"]),
         version=stage_version("summary", **config["summary"]),
     log:

@@ -1,6 +1,8 @@
 # one thread per job: with --cores all, jobs run side by side; two-thread torch jobs on
 # shared cores were 5-10x slower (oversubscription). Raise with --set-threads train=8.
 rule train:
+    wildcard_constraints:
+        model=MODEL_NAME_PATTERN,
     output:
         directory(f"{RESULTS}/models/{{model}}"),
     params:
@@ -18,3 +20,27 @@ rule train:
         ENV
     script:
         "../scripts/train.py"
+
+
+# models.external: checkpoints the pipeline analyses without training (stages/external.py)
+rule external:
+    wildcard_constraints:
+        model=EXTERNAL_NAME_PATTERN,
+    input:
+        eval=ancient(EVAL_STORE),  # read for the input space and a check of the logits only
+    output:
+        directory(f"{RESULTS}/models/{{model}}"),
+    params:
+        settings=external_settings,
+        version=external_version,
+    log:
+        f"{LOGS}/external/{{model}}.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    conda:
+        ENV
+    script:
+        "../scripts/external.py"

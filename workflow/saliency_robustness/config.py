@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,14 @@ from typing import Any
 import jsonschema
 import yaml
 
-from saliency_robustness.errors import ConfigError, one_line
+from saliency_robustness.errors import ConfigError, DataError, one_line
 
 PACKAGE = "saliency_robustness"
 PACKAGE_DIR = Path(__file__).resolve().parent
-# images per MNIST split: a subset larger than its split is a config error
-MNIST_SPLIT_SIZES = {"train": 60000, "test": 10000}
+# images per split of the built-in datasets: a subset larger than its split is a config error
+SPLIT_SIZES = {"mnist": {"train": 60000, "test": 10000}, "cifar10": {"train": 50000, "test": 10000}}
+DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
+MNIST_SPLIT_SIZES = SPLIT_SIZES["mnist"]
 SCHEMA_PATH = PACKAGE_DIR.parent / "schemas" / "config.schema.yaml"
 
 
@@ -80,21 +83,22 @@ def validate_config(config: Mapping[str, Any], schema_path: Path | str = SCHEMA_
         # the most specific error first: deepest path, then schema order
         best = jsonschema.exceptions.best_match(errors)
         raise ConfigError(_message(best))
-    if checked["dataset"]["kind"] == "mnist":
+    kind = checked["dataset"]["kind"]
+    if kind in SPLIT_SIZES:
         for key, section, split in (("n_eval", "dataset", "test"), ("n_train", "train", "train")):
-            n = checked[section][key]
-            if n is not None and n > MNIST_SPLIT_SIZES[split]:
-                raise ConfigError(f"config key '{section}.{key}': {n} is more than the {MNIST_SPLIT_SIZES[split]} images of MNIST's {split} split")
+            n, size = checked[section][key], SPLIT_SIZES[kind][split]
+            if n is not None and n > size:
+                raise ConfigError(f"config key '{section}.{key}': {n} is more than the {size} images of {DATASET_NAMES[kind]}'s {split} split")
     raw_train, train = config.get("train") or {}, checked["train"]
     if train["seeds"] is not None:
         # seed is short for seeds: [seed]; both may stand only if they agree (a validated config
         # validates again unchanged)
         if "seed" in raw_train and raw_train["seed"] not in train["seeds"]:
             raise ConfigError(
-                f"config key 'train.seed': {raw_train['seed']} is not among train.seeds {train['seeds']} "
-                "(seed is short for seeds: [seed]; keep one)"
+                f"config key 'train.seed': {raw_train['seed']} is not among train.seeds {train['seeds']} (seed is short for seeds: [seed]; keep one)"
             )
         train["seed"] = train["seeds"][0]
+    check_external_models(checked)
     attacks = checked["attacks"]
     if not attacks["store_adversarials"] and any(a["refine"] for a in attacks["ensemble"].values()):
         raise ConfigError(
@@ -141,6 +145,82 @@ class GridPoint:
     def epsilon(self) -> float | None:
         """The PGD radius (None for gradient-norm models)."""
         return self.strength if self.method == "adversarial" else None
+
+
+#: the method of the models the pipeline did not train (``models.external``)
+EXTERNAL = "external"
+
+
+def check_external_models(config: Mapping[str, Any]) -> None:
+    """The rules the schema cannot state: unique names unlike a trained model's, either
+    ``architecture`` + ``weights`` or ``robustbench``, and at least one model in all."""
+    seen: set[str] = set()
+    for i, entry in enumerate(config["models"]["external"]):
+        where = f"config key 'models.external[{i}]' ({entry['name']})"
+        if entry["name"] in seen:
+            raise ConfigError(f"{where}: the name appears twice")
+        seen.add(entry["name"])
+        if re.fullmatch(MODEL_NAME_PATTERN, entry["name"]):
+            raise ConfigError(f"{where}: the name looks like a trained model's (gradnorm-.../pgd-...); choose another")
+        if "robustbench" in entry:
+            extra = sorted({"weights", "architecture", "input_space"} & set(entry))
+            if extra:
+                raise ConfigError(f"{where}: a robustbench entry takes no {extra[0]} (the library builds the model; its input is the [0, 1] image)")
+        elif "weights" not in entry or "architecture" not in entry:
+            missing = "weights" if "weights" not in entry else "architecture"
+            raise ConfigError(f"{where}: missing '{missing}' (give architecture and weights, or robustbench)")
+    if not train_methods(config["train"]) and not config["models"]["external"]:
+        raise ConfigError("config key 'train.method': empty and models.external is empty too: there is no model to analyse")
+
+
+def resolve_path(path: str, data_root: str | Path) -> Path:
+    """``path`` with ``~`` expanded, taken from ``data_root`` when relative."""
+    resolved = Path(path).expanduser()
+    return resolved if resolved.is_absolute() else Path(data_root).expanduser() / resolved
+
+
+def robustbench_files(robustbench: Mapping[str, Any], data_root: str | Path) -> list[Path]:
+    """The checkpoint file(s) ``robustbench.utils.load_model`` reads for the entry:
+    ``<model_dir>/<dataset>/<threat_model>/<name>.pt``, or ``<name>.pt_m<i>.pt`` for each
+    member of one of its ensembles."""
+    folder = resolve_path(robustbench["model_dir"], data_root) / robustbench["dataset"] / robustbench["threat_model"]
+    single = folder / f"{robustbench['name']}.pt"
+    members = []
+    while Path(f"{single}_m{len(members)}.pt").is_file():
+        members.append(Path(f"{single}_m{len(members)}.pt"))
+    return members if members and not single.is_file() else [single]
+
+
+def external_weight_files(entry: Mapping[str, Any], data_root: str | Path) -> list[Path]:
+    """The file(s) holding an external model's weights."""
+    if "robustbench" in entry:
+        return robustbench_files(entry["robustbench"], data_root)
+    return [resolve_path(entry["weights"], data_root)]
+
+
+def content_hash(files: Iterable[Path]) -> str:
+    """SHA-256 of the files' contents (not of their names or times)."""
+    digest = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+def external_weights_hash(entry: Mapping[str, Any], data_root: str | Path) -> str:
+    """The content hash of an external model's weights; a missing file is a one-line error
+    naming the entry and the path."""
+    files = external_weight_files(entry, data_root)
+    for path in files:
+        if not path.is_file():
+            what = "RobustBench checkpoint" if "robustbench" in entry else "weights file"
+            raise DataError(f"external model {entry['name']!r}: {what} {path} not found (relative paths are taken from data_root)")
+    return content_hash(files)
+
+
+def external_models(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Name -> entry of every ``models.external`` model, in the config's order."""
+    return {entry["name"]: dict(entry) for entry in config["models"]["external"]}
 
 
 def format_lambda(lam: float) -> str:

@@ -2,8 +2,9 @@
 
 All metrics and attacks live in one space: the tensor the model takes (docs/spec.md §5).
 Images are stored in that space; ``pixel = x + pixel_offset`` maps them back to the
-pixel range, which is where the attack bounds come from. For MNIST the offset is 0; for
-natural images (an ImageNet-layout folder) it is the per-channel mean, as the authors fed
+pixel range, which is where the attack bounds come from. For MNIST and CIFAR-10 the offset
+is 0 (CIFAR-10 follows RobustBench: pixels in [0, 1], any normalisation inside the model);
+for natural images (an ImageNet-layout folder) it is the per-channel mean, as the authors fed
 mean-subtracted pixels (any division by a per-channel std is the model's first layer).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -76,13 +78,12 @@ MNIST_FILES = {
 }
 
 
-def check_data_root(root: str | Path) -> Path:
-    """``root`` as a path; a missing data root other than the default is an error (nothing is created)."""
+def check_data_root(root: str | Path, holding: str = "MNIST/raw/") -> Path:
+    """``root`` as a path; a missing data root other than the default is an error (nothing is created).
+    ``holding`` names what the data root should hold, for the hint."""
     path = Path(root).expanduser()
     if not path.is_dir() and str(root) != DEFAULT_DATA_ROOT:
-        raise DataError(
-            f"data root {str(root)!r} does not exist (mistyped?); pass --config data_root=<folder holding MNIST/raw/>"
-        )
+        raise DataError(f"data root {str(root)!r} does not exist (mistyped?); pass --config data_root=<folder holding {holding}>")
     return path
 
 
@@ -118,19 +119,23 @@ def _mnist(root: Path, train: bool) -> Any:
         return MNIST(str(root), train=train, download=True)
     except Exception as exc:  # offline: URLError, RuntimeError, PermissionError, ...
         raise DataError(
-            f"MNIST not found under data_root={str(root)!r} (expected {root}/MNIST/raw/) "
-            f"and the download failed: {one_line(exc)}"
+            f"MNIST not found under data_root={str(root)!r} (expected {root}/MNIST/raw/) and the download failed: {one_line(exc)}"
         ) from None
 
 
 def data_fingerprint(dataset: Mapping[str, Any], data_root: str | Path) -> str:
     """A content hash of the dataset's files where that is cheap (MNIST: the four raw files,
-    55 MB), recorded with the stores as provenance; ``"not computed"`` for image folders."""
-    if dataset["kind"] != "mnist":
+    55 MB; CIFAR-10: the six data batches, 180 MB), recorded with the stores as provenance;
+    ``"not computed"`` for image folders."""
+    if dataset["kind"] == "mnist":
+        paths = [Path(data_root) / "MNIST" / "raw" / name for name in MNIST_FILES]
+    elif dataset["kind"] == "cifar10":
+        paths = [Path(data_root) / CIFAR10_FOLDER / name for name in CIFAR10_DATA_FILES]
+    else:
         return "not computed"
     digest = hashlib.md5(usedforsecurity=False)
-    for name in MNIST_FILES:
-        digest.update((Path(data_root) / "MNIST" / "raw" / name).read_bytes())
+    for path in paths:
+        digest.update(path.read_bytes())
     return f"md5:{digest.hexdigest()}"
 
 
@@ -139,6 +144,145 @@ def load_mnist(root: str | Path, train: bool) -> TensorDataset:
     ds = _mnist(Path(root), train)
     images = ds.data.unsqueeze(1).to(torch.float32).div_(255.0)
     return TensorDataset(images, ds.targets.to(torch.int64))
+
+
+class LabelledTensorDataset(TensorDataset):
+    """A :class:`TensorDataset` of (image, label) that also names its classes, in label order."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> None:
+        super().__init__(images, labels)
+        self.classes = list(classes)
+
+
+# torchvision's (and Krizhevsky's) CIFAR-10 python layout <data_root>/cifar-10-batches-py/:
+# pickled dicts, "data" uint8 (N, 3072) row-major CHW and "labels", and the class names
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILES = ("test_batch",)
+CIFAR10_DATA_FILES = CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES
+CIFAR10_META_FILE = "batches.meta"
+CIFAR10_IMAGE_SHAPE = (3, 32, 32)
+CIFAR10_NUM_CLASSES = 10
+# RobustBench's convention: pixels in [0, 1]; any normalisation is inside the model
+CIFAR10_INPUT_SPACE = InputSpace(pixel_offset=(0.0, 0.0, 0.0))
+# the only globals a CIFAR-10 pickle may name: what rebuilding a numpy array needs
+CIFAR10_PICKLE_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+)
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds numpy arrays and plain containers and nothing else: a pickle
+    naming any other global (``os.system``, ...) is refused before anything is called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in CIFAR10_PICKLE_GLOBALS:
+            raise _ForbiddenGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar10_pickle(path: Path) -> dict[str, Any]:
+    """The dict pickled in ``path``, its keys as ``str`` (Python 2 pickles, read as latin1 like torchvision)."""
+    if not path.is_file():
+        raise DataError(f"CIFAR-10 file {path} is missing: restore it, or delete {path.parent} to download CIFAR-10 again (default data root)")
+    try:
+        with path.open("rb") as f:
+            entry = _RestrictedUnpickler(f, encoding="latin1").load()
+    except _ForbiddenGlobal as exc:
+        raise DataError(f"CIFAR-10 file {path} names the global {exc}, which a CIFAR-10 pickle never needs: not loaded (replace the file)") from None
+    except Exception as exc:  # truncated, not a pickle, or an array that does not rebuild
+        raise DataError(f"CIFAR-10 file {path} is not a readable pickle (truncated or corrupt?): {one_line(exc)}") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"CIFAR-10 file {path} holds a {type(entry).__name__}, expected a dict")
+    return {(key.decode("latin1") if isinstance(key, bytes) else key): value for key, value in entry.items()}
+
+
+def _require_keys(path: Path, entry: Mapping[str, Any], keys: Sequence[str]) -> None:
+    missing = [key for key in keys if key not in entry]
+    if missing:
+        raise DataError(f"CIFAR-10 file {path} lacks the key(s) {missing}; it holds {sorted(str(k) for k in entry)[:8]}")
+
+
+def read_cifar10_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 batch file: images ``uint8 (N, 3, 32, 32)`` and labels ``int64 (N,)``;
+    anything else in the file is a one-line :class:`DataError` naming it."""
+    path = Path(path)
+    entry = _read_cifar10_pickle(path)
+    _require_keys(path, entry, ("data", "labels"))
+    data, size = entry["data"], int(np.prod(CIFAR10_IMAGE_SHAPE))
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != size or len(data) == 0:
+        found = f"an array of shape {data.shape}" if isinstance(data, np.ndarray) else f"a {type(data).__name__}"
+        raise DataError(f"CIFAR-10 file {path}: 'data' is {found}, expected uint8 of shape (N, {size}) with N >= 1")
+    if not np.issubdtype(data.dtype, np.integer) or int(data.min()) < 0 or int(data.max()) > 255:
+        raise DataError(f"CIFAR-10 file {path}: 'data' is not uint8-valued (dtype {data.dtype}); expected pixels 0..255")
+    try:
+        labels = np.asarray(entry["labels"])
+    except Exception as exc:  # ragged or odd objects
+        raise DataError(f"CIFAR-10 file {path}: 'labels' is not a list of integers: {one_line(exc)}") from None
+    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"CIFAR-10 file {path}: 'labels' has shape {labels.shape} and dtype {labels.dtype}, expected {len(data)} integers")
+    if int(labels.min()) < 0 or int(labels.max()) >= CIFAR10_NUM_CLASSES:
+        raise DataError(f"CIFAR-10 file {path}: labels range {labels.min()}..{labels.max()}, expected 0..{CIFAR10_NUM_CLASSES - 1}")
+    return data.astype(np.uint8).reshape(-1, *CIFAR10_IMAGE_SHAPE), labels.astype(np.int64)
+
+
+def read_cifar10_class_names(path: str | Path) -> list[str]:
+    """The ten class names of ``batches.meta``, in label order."""
+    path = Path(path)
+    entry = _read_cifar10_pickle(path)
+    _require_keys(path, entry, ("label_names",))
+    names = entry["label_names"]
+    if not isinstance(names, list | tuple) or len(names) != CIFAR10_NUM_CLASSES or not all(isinstance(n, str | bytes) for n in names):
+        raise DataError(f"CIFAR-10 file {path}: 'label_names' is not a list of {CIFAR10_NUM_CLASSES} names")
+    return [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
+
+
+def cifar10_folder(data_root: str | Path, train: bool = False) -> Path:
+    """``<data_root>/cifar-10-batches-py``. When absent under the default data root, CIFAR-10 is
+    downloaded through torchvision; under any other data root an absent folder is an error. An
+    existing folder is never written into."""
+    root = check_data_root(data_root, holding=f"{CIFAR10_FOLDER}/")
+    folder = root / CIFAR10_FOLDER
+    if folder.is_dir():
+        return folder
+    if str(data_root) != DEFAULT_DATA_ROOT:
+        raise DataError(
+            f"CIFAR-10 not found under data_root={str(data_root)!r}: expected the folder {folder} "
+            f"(torchvision's layout: {', '.join(CIFAR10_DATA_FILES)}, {CIFAR10_META_FILE})"
+        )
+    log.info("CIFAR-10 not found under %s: downloading", root)
+    try:
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(str(root), train=train, download=True)
+    except Exception as exc:  # offline: URLError, RuntimeError, PermissionError, ...
+        raise DataError(
+            f"CIFAR-10 not found under data_root={str(data_root)!r} (expected {folder}) and the download failed: {one_line(exc)}"
+        ) from None
+    if not folder.is_dir():
+        raise DataError(f"CIFAR-10 was downloaded under data_root={str(data_root)!r}, but {folder} is not there")
+    return folder
+
+
+def load_cifar10(root: str | Path, train: bool) -> LabelledTensorDataset:
+    """CIFAR-10 as float32 tensors ``(N, 3, 32, 32)`` in [0, 1], int64 labels and the class
+    names, read from torchvision's layout with a restricted unpickler (torchvision's own reader
+    insists on the md5 of every file and unpickles without restriction)."""
+    folder = cifar10_folder(root, train)
+    batches = [read_cifar10_batch(folder / name) for name in (CIFAR10_TRAIN_FILES if train else CIFAR10_TEST_FILES)]
+    classes = read_cifar10_class_names(folder / CIFAR10_META_FILE)
+    images = torch.from_numpy(np.concatenate([images for images, _ in batches])).to(torch.float32).div_(255.0)
+    labels = torch.from_numpy(np.concatenate([labels for _, labels in batches]))
+    return LabelledTensorDataset(images, labels, classes)
 
 
 IMAGEFOLDER_SPLITS = {"train": "train", "test": "val"}
@@ -159,9 +303,7 @@ def imagefolder_transform(dataset: Mapping[str, Any], train: bool) -> Any:
     from torchvision import transforms
 
     crop: list[Any] = (
-        [transforms.RandomCrop(dataset["image_size"]), transforms.RandomHorizontalFlip()]
-        if train
-        else [transforms.CenterCrop(dataset["image_size"])]
+        [transforms.RandomCrop(dataset["image_size"]), transforms.RandomHorizontalFlip()] if train else [transforms.CenterCrop(dataset["image_size"])]
     )
     mean = [float(m) for m in dataset["mean"]]
     subtract_mean = transforms.Normalize(mean, [1.0] * len(mean))  # std 1: centering only
@@ -212,6 +354,8 @@ def open_split(dataset: Mapping[str, Any], data_root: str | Path, split: str) ->
     kind = dataset["kind"]
     if kind == "mnist":
         return load_mnist(data_root, train=(split == "train")), MNIST_INPUT_SPACE
+    if kind == "cifar10":
+        return load_cifar10(data_root, train=(split == "train")), CIFAR10_INPUT_SPACE
     if kind == "imagefolder":
         space = InputSpace(pixel_offset=tuple(float(m) for m in dataset["mean"]))
         return load_imagefolder(dataset, data_root, split), space
@@ -219,7 +363,7 @@ def open_split(dataset: Mapping[str, Any], data_root: str | Path, split: str) ->
 
 
 def class_names(ds: Dataset) -> list[str] | None:
-    """The dataset's class names in label order, when it has them (folder datasets)."""
+    """The dataset's class names in label order, when it has them (folder datasets, CIFAR-10)."""
     classes = getattr(ds, "classes", None)
     return list(classes) if classes is not None else None
 

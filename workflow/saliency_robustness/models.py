@@ -13,6 +13,7 @@ their own checkpoint.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,8 +21,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
+from saliency_robustness import zoo
+from saliency_robustness.config import EXTERNAL, resolve_path
 from saliency_robustness.errors import ConfigError, DataError, StoreError, one_line
+from saliency_robustness.runtime import progress
 from saliency_robustness.stores import check_manifest, write_manifest
 
 CHECKPOINT = "model.pt"
@@ -77,6 +82,32 @@ class PerChannelScale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale
+
+
+class PerChannelShift(nn.Module):
+    """Adds ``bias[c]`` to channel ``c``: a bias-like constant (the metrics' decomposition counts it)."""
+
+    def __init__(self, shift: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("bias", torch.tensor([float(s) for s in shift], dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias.view(1, -1, *([1] * (x.ndim - 2)))
+
+
+class InputAdapter(nn.Module):
+    """``network((x + shift) * scale)``: an external network that takes ``(pixel - offset) / std``
+    on the pipeline's input space ``x = pixel - pixel_offset`` (``shift = pixel_offset - offset``,
+    ``scale = 1 / std``). Without a shift it stays positively homogeneous up to its own biases."""
+
+    def __init__(self, network: nn.Module, shift: Sequence[float], scale: Sequence[float]) -> None:
+        super().__init__()
+        self.input_shift = PerChannelShift(shift) if any(float(s) != 0.0 for s in shift) else nn.Identity()
+        self.input_scale = PerChannelScale(scale)
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(self.input_scale(self.input_shift(x)))
 
 
 class CenteredInputModel(nn.Module):
@@ -151,12 +182,17 @@ class ModelSpec:
     architecture_options: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None  # initial weights of training (torchvision name or state_dict file)
-    method: str = "gradnorm"  # how it was made robust: gradnorm (strength lam) or adversarial (strength epsilon)
+    method: str = "gradnorm"  # how it was made robust: gradnorm (strength lam), adversarial (strength epsilon), external
     epsilon: float | None = None  # radius of the L2 PGD ball of adversarial training
+    input_adapter: dict[str, list[float]] | None = None  # external networks: InputAdapter's shift and scale
+    weights_sha256: str | None = None  # external models: content hash of the weights read
 
     @property
     def strength(self) -> float:
-        """The method's strength: lambda for gradnorm, the PGD radius epsilon for adversarial."""
+        """The method's strength: lambda for gradnorm, the PGD radius epsilon for adversarial,
+        NaN for an external model (nothing the pipeline set)."""
+        if self.method == EXTERNAL:
+            return math.nan
         return self.lam if self.method == "gradnorm" else float(self.epsilon or 0.0)
 
     def to_json(self) -> str:
@@ -185,19 +221,36 @@ def degenerate_reason(accuracy: float, majority_class_share: float, num_classes:
     return None
 
 
-def build_model(spec: ModelSpec) -> nn.Module:
-    """A freshly initialised model of the spec's architecture (seeded by ``spec.seed``)."""
+def build_network(spec: ModelSpec) -> nn.Module:
+    """A freshly initialised network of the spec's architecture (seeded by ``spec.seed``): a
+    registered one, built for the spec's channels, image size and classes; ``module:callable``,
+    called with the architecture options only; or RobustBench's (``robustbench``)."""
+    torch.manual_seed(spec.seed)
+    if spec.architecture == "robustbench":
+        return zoo.robustbench_network(**spec.architecture_options)
+    if ":" in spec.architecture:
+        builder = zoo.import_callable(spec.architecture)
+        try:
+            network = builder(**spec.architecture_options)
+        except Exception as exc:  # whatever the user's builder raises
+            raise ConfigError(f"architecture {spec.architecture!r} failed with options {spec.architecture_options}: {one_line(exc)}") from None
+        if not isinstance(network, nn.Module):
+            raise ConfigError(f"architecture {spec.architecture!r} returned a {type(network).__name__}, not a torch.nn.Module")
+        return network
     try:
         builder = ARCHITECTURES[spec.architecture]
     except KeyError:
-        raise StoreError(f"unknown architecture {spec.architecture!r} (known: {', '.join(ARCHITECTURES)})") from None
-    torch.manual_seed(spec.seed)
-    return builder(
-        in_channels=spec.in_channels,
-        num_classes=spec.num_classes,
-        image_size=spec.image_size,
-        **spec.architecture_options,
-    )
+        raise ConfigError(f"unknown architecture {spec.architecture!r} (known: {', '.join(ARCHITECTURES)}, or module:callable)") from None
+    return builder(in_channels=spec.in_channels, num_classes=spec.num_classes, image_size=spec.image_size, **spec.architecture_options)
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """A freshly initialised model of the spec: its network, behind the input adapter of an
+    external network that takes another input space."""
+    network = build_network(spec)
+    if spec.input_adapter is None:
+        return network
+    return InputAdapter(network, spec.input_adapter["shift"], spec.input_adapter["scale"])
 
 
 def save_model(model: nn.Module, spec: ModelSpec, directory: Path | str) -> None:
@@ -256,17 +309,52 @@ def initial_state(architecture: str, weights: str, data_root: Path | str = ".") 
                 f"cannot get torchvision weights {architecture} {weights} ({one_line(exc)}); offline, save them "
                 "with torch.save(state_dict, file) elsewhere and set model.weights to that file"
             ) from None
-    path = Path(weights).expanduser()
-    path = path if path.is_absolute() else Path(data_root) / path
+    path = resolve_path(weights, data_root)
     if not path.is_file():
         raise DataError(f"model.weights {weights!r} is neither a torchvision weight name of {architecture} nor a file ({path} not found)")
+    return read_state_dict(path)
+
+
+# keys under which checkpoints often nest the state_dict beside other entries (epoch, optimizer)
+NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    """The ``state_dict`` in ``path``, read with ``weights_only=True``: the file's mapping of
+    names to tensors, or such a mapping under one of :data:`NESTED_STATE_KEYS`."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors of many types
         raise DataError(f"cannot read weights file {path} as a plain state_dict (weights_only=True): {one_line(exc)}") from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+
+    def is_state(value: Any) -> bool:
+        return isinstance(value, Mapping) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+    if isinstance(state, Mapping) and not is_state(state):
+        state = next((state[k] for k in NESTED_STATE_KEYS if is_state(state.get(k))), state)
+    if not is_state(state):
         raise DataError(f"weights file {path} does not hold a state_dict (a mapping of names to tensors)")
     return state
+
+
+def _listed(keys: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+def state_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``state`` does not fit ``model`` (missing or unexpected keys, a shape mismatch), in
+    a few words; None when it fits."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = ([f"missing keys {_listed(missing)}"] if missing else []) + ([f"unexpected keys {_listed(unexpected)}"] if unexpected else [])
+        return "; ".join(parts)
+    for key, value in expected.items():
+        if value.shape != state[key].shape:
+            return f"shape mismatch at {key}: the file has {tuple(state[key].shape)}, the model {tuple(value.shape)}"
+    return None
 
 
 def load_initial_weights(model: nn.Module, spec: ModelSpec, data_root: Path | str = ".") -> None:
@@ -278,12 +366,48 @@ def load_initial_weights(model: nn.Module, spec: ModelSpec, data_root: Path | st
     if spec.weights is None:
         return
     state = initial_state(spec.architecture, spec.weights, data_root)
+    reason = load_weights(model, state)
+    if reason:
+        raise ConfigError(
+            f"weights {spec.weights!r} do not fit {spec.architecture} with num_classes={spec.num_classes}, in_channels={spec.in_channels}: {reason}"
+        )
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """Load ``state`` into ``model``, or for :class:`CenteredInputModel` into its bare backbone
+    when the keys are the backbone's (torchvision's layout). Returns why it does not fit
+    (nothing is loaded then), or None."""
     backbone = getattr(model, "backbone", None)
     target = backbone if isinstance(backbone, nn.Module) and set(state) == set(backbone.state_dict()) else model
-    try:
+    reason = state_mismatch(target, state)
+    if reason is None:
         target.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ConfigError(
-            f"weights {spec.weights!r} do not fit {spec.architecture} with num_classes={spec.num_classes}, "
-            f"in_channels={spec.in_channels}: {one_line(exc)}"
-        ) from None
+    return reason
+
+
+@torch.no_grad()
+def test_performance(model: nn.Module, ds: Dataset, *, device: torch.device, batch_size: int = 500, num_workers: int = 0) -> tuple[float, float]:
+    """Clean accuracy of ``model`` (put in eval mode) on every sample of ``ds``, and the share
+    of samples predicted as its most frequent class."""
+    model.eval()
+    correct = total = 0
+    counts: torch.Tensor | None = None
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    for x, y in progress(loader, desc="test accuracy", unit="batch"):
+        logits = model(x.to(device, non_blocking=True)).cpu()
+        pred = logits.argmax(1)
+        correct += int((pred == y).sum())
+        total += len(y)
+        batch_counts = torch.bincount(pred, minlength=logits.shape[1])
+        counts = batch_counts if counts is None else counts + batch_counts
+    return correct / total, (float(counts.max()) / total if counts is not None else float("nan"))
+
+
+PERFORMANCE = "test_accuracy.json"
+
+
+def save_performance(directory: Path, accuracy: float, majority_class_share: float, images: int, **extra: float) -> None:
+    """Write a model directory's ``test_accuracy.json`` (the summary's test accuracy and the
+    degenerate check read it)."""
+    record = {"test_accuracy": accuracy, "majority_class_share": majority_class_share, "test_images": images, **extra}
+    (Path(directory) / PERFORMANCE).write_text(json.dumps(record, indent=2))

@@ -13,4 +13,5 @@ with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
         output_grid_csv=sm.output.grid_csv,
         output_trends_csv=sm.output.trends_csv,
         options=BootstrapOptions(**sm.params.options),
+        attributes=sm.params.attributes,
     )

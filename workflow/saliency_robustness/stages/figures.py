@@ -24,6 +24,7 @@ import pandas as pd
 import seaborn as sns
 import xarray as xr
 
+from saliency_robustness.config import EXTERNAL
 from saliency_robustness.errors import PipelineError, one_line
 from saliency_robustness.stores import open_store
 
@@ -87,7 +88,7 @@ class FigureInputs:
 #: short display names of the attribution maps
 ATTRIBUTION_NAMES = {"gradient": "gradient", "smoothgrad": "SmoothGrad", "integrated_gradients": "IG"}
 #: per training method: marker of a model, marker of a grid point (mean over seeds), palette by strength
-METHOD_STYLE = {"gradnorm": ("o", "D", "viridis"), "adversarial": ("s", "h", "flare")}
+METHOD_STYLE = {"gradnorm": ("o", "D", "viridis"), "adversarial": ("s", "h", "flare"), EXTERNAL: ("P", "p", "Dark2")}
 
 
 def quantity_name(quantity: str) -> str:
@@ -216,6 +217,8 @@ def _median_plot(ax: plt.Axes, inputs: FigureInputs, models: pd.DataFrame, grid:
     # the line joins each method's grid points by strength; with one seed each, the models themselves
     healthy = models[~models["degenerate"]].rename(columns=lambda c: c.replace("_median", "_mean_median"))
     for method in dict.fromkeys(grid["method"]):
+        if method == EXTERNAL:  # external models have no strength to order them by
+            continue
         line = (grid if replicated else healthy).query("method == @method")
         ax.plot(line[f"{x}_mean_median"], line[f"{y}_mean_median"], color="0.6", lw=1, ls="-" if method == "gradnorm" else "--", zorder=1)
     if replicated:

@@ -41,7 +41,7 @@ from saliency_robustness.evaluation import (
     variable,
     with_eval_labels,
 )
-from saliency_robustness.models import PerChannelScale, load_model
+from saliency_robustness.models import PerChannelScale, PerChannelShift, load_model
 from saliency_robustness.robustness import combine_attacks
 from saliency_robustness.runtime import resolve_device
 from saliency_robustness.stores import open_store, write_store
@@ -59,6 +59,7 @@ BIAS_LAYERS = (
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
+    PerChannelShift,  # an external network's input adapter: the shift between two input spaces
 )
 # leaf modules that are positively homogeneous of degree one and have no bias
 HOMOGENEOUS_LAYERS = (

@@ -23,17 +23,18 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 from scipy.stats import bootstrap, spearmanr
 
-from saliency_robustness.config import fingerprint
-from saliency_robustness.errors import StoreError, one_line
+from saliency_robustness.config import EXTERNAL, fingerprint
+from saliency_robustness.errors import ConfigError, StoreError, one_line
 from saliency_robustness.models import ModelSpec, degenerate_reason, load_spec
 from saliency_robustness.stores import open_store, provenance, write_store
 
@@ -54,8 +55,9 @@ SUMMARISED = (
 # (x, y) pairs whose Spearman rank correlation over images is given per model
 CORRELATED = (("alignment", "robustness"), ("linearized_robustness", "robustness"))
 SUBSETS = ("all", "correct")
-#: training methods in the order models are stacked, and the name of each one's strength
-METHOD_STRENGTH = {"gradnorm": "lambda", "adversarial": "epsilon"}
+#: methods in the order models are stacked, and the name of each one's strength (external
+#: models have none: nothing the pipeline set)
+METHOD_STRENGTH: dict[str, str | None] = {"gradnorm": "lambda", "adversarial": "epsilon", EXTERNAL: None}
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,8 @@ def trends(stacked: xr.Dataset) -> list[Trend]:
     found = [Trend("median alignment ~ median robustness", "alignment", "robustness")]
     for method in methods:
         strength = METHOD_STRENGTH[method]
-        found += [Trend(f"{strength} ~ median {y}", "strength", y, method) for y in ("robustness", "alignment")]
+        if strength is not None:
+            found += [Trend(f"{strength} ~ median {y}", "strength", y, method) for y in ("robustness", "alignment")]
     if len(methods) > 1:
         found += [Trend(f"{m}: median alignment ~ median robustness", "alignment", "robustness", m) for m in methods]
     extra = [q for q in quantities(stacked) if q not in SUMMARISED and not q.startswith("alignment_cosine_")]
@@ -188,18 +191,51 @@ def setting_key(spec: ModelSpec) -> str:
 
 
 def setting_label(spec: ModelSpec) -> str:
-    """The grid point's name: the model name without its seed (e.g. ``gradnorm-lambda0.3``)."""
+    """The grid point's name: the model name without its seed (e.g. ``gradnorm-lambda0.3``);
+    an external model is a grid point of its own."""
+    if spec.method == EXTERNAL:
+        return spec.name
     stem, _, seed = spec.name.rpartition("-seed")
     return stem if stem and seed.isdigit() else spec.name
 
 
+def _attribute_values(values: list[Any]) -> np.ndarray:
+    """One attribute across models: numbers (NaN where a model lacks it), else text ("" where missing)."""
+    given = [v for v in values if v is not None]
+    if given and all(isinstance(v, int | float) and not isinstance(v, bool) for v in given):
+        return np.array([np.nan if v is None else float(v) for v in values])
+    return np.array(["" if v is None else str(v) for v in values], dtype=object)
+
+
+def attribute_coords(names: Sequence[str], attributes: Mapping[str, Mapping[str, Any]], taken: Iterable[str]) -> dict[str, Any]:
+    """The external models' free-form ``attributes`` as per-model coordinates (missing for a
+    model: NaN or ""); a name that a summary variable already has is an error."""
+    keys = sorted({key for attrs in attributes.values() for key in attrs})
+    clash = sorted(set(keys) & set(taken))
+    if clash:
+        raise ConfigError(f"models.external attribute {clash[0]!r} is also the name of a summary variable; rename it")
+    return {
+        key: ("model", _attribute_values([attributes.get(m, {}).get(key) for m in names]), {"long_name": f"attribute {key} (models.external)"})
+        for key in keys
+    }
+
+
 def stack_models(
-    metrics: Mapping[str, xr.Dataset], specs: Mapping[str, ModelSpec], performance: Mapping[str, tuple[float, float]]
+    metrics: Mapping[str, xr.Dataset],
+    specs: Mapping[str, ModelSpec],
+    performance: Mapping[str, tuple[float, float]],
+    attributes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> xr.Dataset:
-    """Concatenate per-model metrics along a new ``model`` dim, ordered by (lambda, seed), with
-    the training options, the grid point and the degenerate flag as per-model variables."""
-    order = list(METHOD_STRENGTH)
-    names = sorted(metrics, key=lambda m: (order.index(specs[m].method), specs[m].strength, specs[m].seed, m))
+    """Concatenate per-model metrics along a new ``model`` dim, ordered by method, strength and
+    seed (external models last, in the given order), with the training options, the grid point,
+    the degenerate flag and the external models' attributes as per-model variables."""
+    order, given = list(METHOD_STRENGTH), list(metrics)
+
+    def position(m: str) -> tuple[int, float, int, int]:
+        strength = 0.0 if specs[m].method == EXTERNAL else specs[m].strength
+        return order.index(specs[m].method), strength, specs[m].seed, given.index(m)
+
+    names = sorted(metrics, key=position)
     keys = {m: setting_key(specs[m]) for m in names}
     labels = {m: setting_label(specs[m]) for m in names}
     clashing = {labels[a] for a in names for b in names if labels[a] == labels[b] and keys[a] != keys[b]}
@@ -214,11 +250,15 @@ def stack_models(
             [specs[m].lam if specs[m].method == "gradnorm" else np.nan for m in names],
             {"long_name": "regularization strength lambda (per example; NaN: not a gradnorm model)", "units": "1"},
         ),
-        method=("model", [specs[m].method for m in names], {"long_name": "training method: gradnorm or adversarial (L2 PGD)"}),
+        method=(
+            "model",
+            [specs[m].method for m in names],
+            {"long_name": "training method: gradnorm, adversarial (L2 PGD) or external (not trained here)"},
+        ),
         strength=(
             "model",
             [specs[m].strength for m in names],
-            {"long_name": "the method's strength: lambda (gradnorm) or the PGD radius epsilon (adversarial)", "units": "1"},
+            {"long_name": "the method's strength: lambda (gradnorm) or the PGD radius epsilon (adversarial); NaN: external", "units": "1"},
         ),
         sensitivity=("model", [specs[m].sensitivity for m in names], {"long_name": "regularized sensitivity"}),
         p=("model", [specs[m].p for m in names], {"long_name": "power of the gradient norm in the penalty", "units": "1"}),
@@ -243,6 +283,8 @@ def stack_models(
     }
     for name, (values, long_name, units) in per_model.items():
         stacked[name] = xr.DataArray(values, dims="model", attrs={"long_name": long_name, "units": units} if units else {"long_name": long_name})
+    if attributes:
+        stacked = stacked.assign_coords(attribute_coords(names, attributes, [str(v) for v in stacked.variables]))
     if "attribution" in stacked.coords:  # each attribution map's alignment as a quantity of its own
         for attribution in stacked["attribution"].values:
             if str(attribution) != "gradient":
@@ -370,7 +412,7 @@ def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datase
     # each method's gains are over its own smallest strength (the first of its grid points)
     baselines = {}
     for point, models in points.items():
-        if models:
+        if models and METHOD_STRENGTH[method[point]] is not None:  # external models have no baseline
             baselines.setdefault(method[point], models)
     for j, subset in enumerate(SUBSETS):
         mask = subset_mask(stacked, subset)
@@ -585,13 +627,15 @@ def summary_stage(
     output_grid_csv: str | Path,
     output_trends_csv: str | Path,
     options: BootstrapOptions,
+    attributes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
     """Write ``summary.zarr`` and its three tables: per model (``summary.csv``), per grid point
-    (``summary_grid.csv``) and across models (``summary_trends.csv``)."""
+    (``summary_grid.csv``) and across models (``summary_trends.csv``). ``attributes`` are the
+    external models' free-form labels, which become per-model coordinates."""
     metrics = {m: open_store(p).load() for m, p in zip(models, metrics_stores)}
     specs = {m: load_spec(d) for m, d in zip(models, model_dirs)}
     performance = {m: read_test_accuracy(d) for m, d in zip(models, model_dirs)}
-    stacked = stack_models(metrics, specs, performance)
+    stacked = stack_models(metrics, specs, performance, attributes)
     for model, reason in zip(stacked["model"].values, stacked["degenerate_reason"].values):
         if reason:
             log.warning("model %s is degenerate (%s): shown, flagged, left out of the across-model statistics", model, reason)

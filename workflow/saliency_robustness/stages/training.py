@@ -17,7 +17,6 @@ nondeterministic kernels make any two GPU runs differ in the last bits).
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -34,7 +33,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from saliency_robustness.data import MNIST_INPUT_SPACE, InputSpace, class_names, open_split, seeded_subset
 from saliency_robustness.errors import ConfigError, PipelineError, TrainingDiverged
-from saliency_robustness.models import ModelSpec, build_model, degenerate_reason, load_initial_weights, save_model
+from saliency_robustness.models import (
+    ModelSpec,
+    build_model,
+    degenerate_reason,
+    load_initial_weights,
+    save_model,
+    save_performance,
+    test_performance,
+)
 from saliency_robustness.runtime import eval_mode, full_precision, progress, resolve_device
 from saliency_robustness.stores import atomic_directory
 
@@ -47,9 +54,7 @@ PENALTY_EPS = 1e-12
 LOG_COLUMNS = ("step", "epoch", "loss", "cross_entropy", "penalty", "accuracy", "learning_rate")
 
 
-def input_gradient_penalty(
-    logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, sensitivity: str = "loss", p: float = 2.0
-) -> torch.Tensor:
+def input_gradient_penalty(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, sensitivity: str = "loss", p: float = 2.0) -> torch.Tensor:
     """Per-example ``||grad_{x_k} s(x_k, y_k)||_2^p`` with a graph for double backprop.
 
     ``x`` must require grad and ``logits`` must be ``model(x)``. Examples must not
@@ -78,9 +83,7 @@ class LossTerms:
     correct: int
 
 
-def regularized_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lam: float, sensitivity: str = "loss", p: float = 2.0
-) -> LossTerms:
+def regularized_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lam: float, sensitivity: str = "loss", p: float = 2.0) -> LossTerms:
     """The training objective of docs/spec.md §3 without weight decay (the optimizer applies that).
 
     With ``lam == 0`` no input gradient is taken: the step is plain cross-entropy.
@@ -177,9 +180,7 @@ def freeze_batchnorm(model: nn.Module) -> None:
 def make_optimizer(model: nn.Module, train: Mapping[str, Any]) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if train["optimizer"] == "sgd":
-        return torch.optim.SGD(
-            params, lr=train["learning_rate"], momentum=train["momentum"], weight_decay=train["weight_decay"]
-        )
+        return torch.optim.SGD(params, lr=train["learning_rate"], momentum=train["momentum"], weight_decay=train["weight_decay"])
     return torch.optim.Adam(params, lr=train["learning_rate"], weight_decay=train["weight_decay"])
 
 
@@ -238,9 +239,7 @@ def fit(
     last completed epoch.
     """
     with full_precision():
-        return _fit(
-            model, train_set, train, lam, device=device, resume_file=resume_file, resume_key=resume_key, adversarial=adversarial, space=space
-        )
+        return _fit(model, train_set, train, lam, device=device, resume_file=resume_file, resume_key=resume_key, adversarial=adversarial, space=space)
 
 
 def _fit(
@@ -338,26 +337,6 @@ def _fit(
     return rows
 
 
-@torch.no_grad()
-def test_performance(
-    model: nn.Module, ds: Dataset, *, device: torch.device, batch_size: int = 500, num_workers: int = 0
-) -> tuple[float, float]:
-    """Clean accuracy of ``model`` (put in eval mode) on every sample of ``ds``, and the share
-    of samples predicted as its most frequent class."""
-    model.eval()
-    correct = total = 0
-    counts: torch.Tensor | None = None
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
-    for x, y in progress(loader, desc="test accuracy", unit="batch"):
-        logits = model(x.to(device, non_blocking=True)).cpu()
-        pred = logits.argmax(1)
-        correct += int((pred == y).sum())
-        total += len(y)
-        batch_counts = torch.bincount(pred, minlength=logits.shape[1])
-        counts = batch_counts if counts is None else counts + batch_counts
-    return correct / total, (float(counts.max()) / total if counts is not None else float("nan"))
-
-
 def write_log(rows: list[dict[str, float]], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
@@ -427,9 +406,7 @@ def train_stage(
         resume.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     adversarial = AdversarialTraining.from_config(spec.strength, train["adversarial"]) if spec.method == "adversarial" else None
-    rows = fit(
-        model, train_set, train, spec.lam, device=device, resume_file=resume, resume_key=resume_key, adversarial=adversarial, space=space
-    )
+    rows = fit(model, train_set, train, spec.lam, device=device, resume_file=resume, resume_key=resume_key, adversarial=adversarial, space=space)
     seconds = time.perf_counter() - started
     test_accuracy, majority_share = test_performance(model, test_set, device=device, num_workers=train["num_workers"])
     log.info("test accuracy %.4f on %d images after %.1f s of training", test_accuracy, len(test_set), seconds)  # type: ignore[arg-type]
@@ -441,16 +418,6 @@ def train_stage(
     with atomic_directory(output) as tmp:
         save_model(model.cpu(), spec, tmp)
         write_log(rows, tmp / "training_log.csv")
-        (tmp / "test_accuracy.json").write_text(
-            json.dumps(
-                {
-                    "test_accuracy": test_accuracy,
-                    "majority_class_share": majority_share,
-                    "test_images": len(test_set),  # type: ignore[arg-type]
-                    "train_seconds": seconds,
-                },
-                indent=2,
-            )
-        )
+        save_performance(tmp, test_accuracy, majority_share, len(test_set), train_seconds=seconds)  # type: ignore[arg-type]
     if resume is not None and resume.exists():
         resume.unlink()
