@@ -202,7 +202,7 @@ def test_unusable_external_weights_give_one_line_naming_the_entry(cifar_root: Pa
         assert message.startswith("external model 'mine': weights") and reason in message and "\n" not in message, message
         assert not (tmp_path / "out").exists()
     (cifar_root / "bad.pt").write_bytes(b"\x80\x02corrupt")
-    with pytest.raises(DataError, match="cannot read weights file .*bad.pt") as info:
+    with pytest.raises(PipelineError, match="external model 'mine': cannot read weights file .*bad.pt") as info:
         import_model(entry, cifar_root, tmp_path / "out", weights_sha256=content_hash([cifar_root / "bad.pt"]))
     assert "\n" not in str(info.value)
     torch.save(state, cifar_root / "bad.pt")
@@ -274,5 +274,14 @@ def test_robustbench_checkpoints_on_disk_load_through_the_library(cifar_root: Pa
     with torch.no_grad():
         torch.testing.assert_close(load_model(output)(images), original(images))
     missing = {**entry, "robustbench": {**rb, "name": "Rice2020Overfitting"}}
-    with pytest.raises(DataError, match="RobustBench checkpoint .*Rice2020Overfitting.pt not found"):
+    with pytest.raises(DataError, match="external model 'mma': RobustBench checkpoint .*Rice2020Overfitting.pt not found"):
         import_model(missing, cifar_root, tmp_path / "o", weights_sha256="")
+
+
+def test_figures_against_lambda_need_gradnorm_models() -> None:
+    from saliency_robustness.stages.figures import FIGURES, LAMBDA_FIGURES, figures_for
+
+    assert figures_for(["gradnorm", "external"]) == list(FIGURES)
+    external_only = figures_for(["external"])
+    assert LAMBDA_FIGURES.isdisjoint(external_only) and "alignment_vs_robustness" in external_only
+    assert figures_for(["adversarial"]) == external_only

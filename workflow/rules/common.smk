@@ -3,6 +3,7 @@ import re
 import sys
 
 from saliency_robustness.config import (
+    EXTERNAL,
     MODEL_NAME_PATTERN,
     code_fingerprint,
     export_package_path,
@@ -12,6 +13,7 @@ from saliency_robustness.config import (
     model_grid,
     model_train_settings,
     stage_modules,
+    train_methods,
     validate_config,
 )
 from saliency_robustness.errors import PipelineError
@@ -20,9 +22,9 @@ from saliency_robustness.stages import figures
 try:
     _validated = validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
     GRID = model_grid(_validated)  # trained models: name -> (method, strength, seed)
-    EXTERNAL = external_models(_validated)  # models.external: name -> entry
+    EXTERNAL_MODELS = external_models(_validated)  # models.external: name -> entry
     # what an external model is: the content of its weights, not where they lie or when they changed
-    WEIGHTS_SHA256 = {name: external_weights_hash(entry, _validated["data_root"]) for name, entry in EXTERNAL.items()}
+    WEIGHTS_SHA256 = {name: external_weights_hash(entry, _validated["data_root"]) for name, entry in EXTERNAL_MODELS.items()}
     if workflow.is_main_process:  # once per run, not in every job: building attacks imports torch
         from saliency_robustness.ensemble import check_ensemble
 
@@ -39,14 +41,14 @@ RESULTS = f"results/{config['experiment']}"
 LOGS = f"{RESULTS}/logs"
 
 
-MODELS = [*GRID, *EXTERNAL]  # every model the stages after training analyse
+MODELS = [*GRID, *EXTERNAL_MODELS]  # every model the stages after training analyse
 # an external model's name, literally (never matches when there is none)
-EXTERNAL_NAME_PATTERN = "|".join(re.escape(name) for name in EXTERNAL) or "(?!)"
+EXTERNAL_NAME_PATTERN = "|".join(re.escape(name) for name in EXTERNAL_MODELS) or "(?!)"
 
 ATTACKS = config["attacks"]["ensemble"]  # name -> {attack, kwargs, refine}
 ATTACK_NAMES = sorted(ATTACKS)  # sorted: the config's key order must not look like a change
 BASE_ATTACKS = [name for name in ATTACK_NAMES if not ATTACKS[name]["refine"]]
-FIGURES = list(figures.FIGURES)
+FIGURES = figures.figures_for([*train_methods(config["train"]), *([EXTERNAL] if EXTERNAL_MODELS else [])])
 
 
 wildcard_constraints:
@@ -105,7 +107,7 @@ def train_version(wildcards):
 def external_settings(wildcards):
     """What an external model is: its entry without where its files lie (the job reads those
     from the config) and without its attributes (labels: only the summary reads them)."""
-    entry = {k: v for k, v in EXTERNAL[wildcards.model].items() if k not in ("weights", "attributes")}
+    entry = {k: v for k, v in EXTERNAL_MODELS[wildcards.model].items() if k not in ("weights", "attributes")}
     if "robustbench" in entry:
         entry["robustbench"] = {k: v for k, v in entry["robustbench"].items() if k != "model_dir"}
     return canonical({**entry, "weights_sha256": WEIGHTS_SHA256[wildcards.model], "dataset": dataset_identity()})
@@ -117,7 +119,7 @@ def external_version(wildcards):
 
 def model_attributes():
     """The external models' free-form attributes, for the summary's coordinates."""
-    return canonical({name: entry["attributes"] for name, entry in EXTERNAL.items()})
+    return canonical({name: entry["attributes"] for name, entry in EXTERNAL_MODELS.items()})
 
 
 EVAL_STORE = f"{RESULTS}/data/eval.zarr"

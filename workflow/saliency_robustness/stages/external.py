@@ -101,11 +101,14 @@ def external_spec(entry: Mapping[str, Any], images_shape: Sequence[int], adapter
 def load_network(entry: Mapping[str, Any], spec: ModelSpec, data_root: str | Path) -> nn.Module:
     """The entry's network with its weights: through RobustBench's loader, or the spec's
     architecture with the ``state_dict`` file loaded strictly."""
-    if "robustbench" in entry:
-        return load_robustbench(entry["robustbench"], data_root)
-    network = build_network(spec)
-    path = resolve_path(entry["weights"], data_root)
-    reason = load_weights(network, read_state_dict(path))
+    try:
+        if "robustbench" in entry:
+            return load_robustbench(entry["robustbench"], data_root)
+        network = build_network(spec)
+        path = resolve_path(entry["weights"], data_root)
+        reason = load_weights(network, read_state_dict(path))
+    except PipelineError as exc:  # a corrupt file, an unknown architecture, a missing extra: name the entry
+        raise ExternalModelError(entry["name"], str(exc)) from None
     if reason:
         raise ExternalModelError(entry["name"], f"weights {path} do not fit architecture {spec.architecture}: {reason}")
     return network

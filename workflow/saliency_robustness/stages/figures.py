@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -528,6 +528,17 @@ FIGURES: dict[str, Callable[[FigureInputs], plt.Figure]] = {
 }
 
 
+#: the figures drawn against lambda: only gradient-norm models have one
+LAMBDA_FIGURES = frozenset({"accuracy_robustness_vs_lambda", "decomposition_terms"})
+
+
+def figures_for(methods: Iterable[str]) -> list[str]:
+    """The figures of an experiment whose models come from ``methods`` (gradnorm, adversarial,
+    external): all of them, but those against lambda only with gradient-norm models."""
+    methods = set(methods)
+    return [name for name in FIGURES if name not in LAMBDA_FIGURES or "gradnorm" in methods]
+
+
 def save_figure(fig: plt.Figure, outputs: Sequence[str | Path], dpi: int) -> None:
     """Save to every output path (format from the suffix), each written then renamed."""
     for out in outputs:
@@ -555,6 +566,8 @@ def figure_stage(
     if figure == "saliency_gallery":
         stores = {Path(p).name.removesuffix(".zarr"): open_store(p, ["saliency"]) for p in saliency_stores}
         inputs = FigureInputs(summary, options, open_store(eval_store, ["images", "label"]), stores)
+    if figure not in figures_for(inputs.methods):
+        raise PipelineError(f"figure {figure} is drawn against lambda, and {summary_store} has no gradnorm model")
     check_plottable(summary, figure, inputs.subset)
     try:
         fig = FIGURES[figure](inputs)
