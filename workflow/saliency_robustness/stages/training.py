@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from saliency_robustness.data import MNIST_INPUT_SPACE, InputSpace, class_names, open_split, seeded_subset
 from saliency_robustness.errors import ConfigError, PipelineError, TrainingDiverged
@@ -75,28 +75,108 @@ def input_gradient_penalty(logits: torch.Tensor, x: torch.Tensor, y: torch.Tenso
     return (squared_norm + PENALTY_EPS).pow(p / 2)
 
 
+def _sensitivity(logits: torch.Tensor, y: torch.Tensor, sensitivity: str) -> torch.Tensor:
+    """Per-example ``s(x_k, y_k)``: the cross-entropy (``loss``) or the true-class logit (``logit``)."""
+    if sensitivity == "loss":
+        return F.cross_entropy(logits, y, reduction="none")
+    if sensitivity == "logit":
+        return logits.gather(1, y[:, None]).squeeze(1)
+    raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, not {sensitivity!r}")
+
+
+class RandomDraws:
+    """The random state at construction; :meth:`replay` restores it, so that a second forward
+    pass draws the dropout masks of the first, and leaves the stream where one pass leaves it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def replay(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def finite_difference_penalty(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    s: torch.Tensor,
+    *,
+    step: float,
+    p: float = 2.0,
+    sensitivity: str = "loss",
+    draws: RandomDraws | None = None,
+) -> torch.Tensor:
+    """Per-example ``||grad_x s||^p`` estimated as ``((s(x + h d) - s(x)) / h)^p`` along the
+    detached gradient direction ``d = g / ||g||`` (Finlay & Oberman 2019), with a graph through
+    both forward passes and no double backward. Its parameter gradient is the finite difference
+    ``p fd^(p-1) (grad_theta s(x + h d) - grad_theta s(x)) / h`` of the exact one.
+
+    ``x`` must require grad and ``s`` be the per-example sensitivity of ``model(x)``; the second
+    pass sees the first pass's dropout masks when ``draws`` was taken just before it.
+    """
+    (grad,) = torch.autograd.grad(s.sum(), x, retain_graph=True)
+    norm = grad.flatten(1).norm(dim=1).clamp_min(torch.finfo(grad.dtype).tiny)
+    direction = (grad / norm.view(-1, *([1] * (grad.ndim - 1)))).detach()
+    after = RandomDraws(x.device) if draws is not None else None
+    if draws is not None:
+        draws.replay()
+    shifted = _sensitivity(model(x.detach() + step * direction), y, sensitivity)
+    if after is not None:
+        after.replay()  # the stream goes on as after one forward pass (as in exact training)
+    difference = (shifted - s) / step
+    if p == 2:
+        return difference.pow(2)
+    return (difference.pow(2) + PENALTY_EPS).pow(p / 2)
+
+
 @dataclass
 class LossTerms:
     loss: torch.Tensor
     cross_entropy: torch.Tensor
     penalty: torch.Tensor | None
-    correct: int
+    correct: torch.Tensor  # correctly classified examples (a 0-d tensor: no device sync)
 
 
-def regularized_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lam: float, sensitivity: str = "loss", p: float = 2.0) -> LossTerms:
+PENALTY_GRADIENTS = ("exact", "finite_difference")
+
+
+def regularized_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lam: float,
+    sensitivity: str = "loss",
+    p: float = 2.0,
+    penalty_gradient: str = "exact",
+    finite_difference_step: float = 0.01,
+) -> LossTerms:
     """The training objective of docs/spec.md §3 without weight decay (the optimizer applies that).
 
-    With ``lam == 0`` no input gradient is taken: the step is plain cross-entropy.
+    With ``lam == 0`` no input gradient is taken: the step is plain cross-entropy. The penalty
+    is differentiated exactly (double backprop) or by :func:`finite_difference_penalty`.
     """
     if lam == 0:
         logits = model(x)
         ce = F.cross_entropy(logits, y)
-        return LossTerms(ce, ce.detach(), None, int((logits.argmax(1) == y).sum()))
+        return LossTerms(ce, ce.detach(), None, (logits.argmax(1) == y).sum())
     x = x.detach().requires_grad_(True)
-    logits = model(x)
+    if penalty_gradient == "exact":
+        logits = model(x)
+        penalty = input_gradient_penalty(logits, x, y, sensitivity=sensitivity, p=p).mean()
+    elif penalty_gradient == "finite_difference":
+        draws = RandomDraws(x.device)
+        logits = model(x)
+        s = _sensitivity(logits, y, sensitivity)
+        penalty = finite_difference_penalty(model, x, y, s, step=finite_difference_step, p=p, sensitivity=sensitivity, draws=draws).mean()
+    else:
+        raise ValueError(f"penalty_gradient must be one of {PENALTY_GRADIENTS}, not {penalty_gradient!r}")
     ce = F.cross_entropy(logits, y)
-    penalty = input_gradient_penalty(logits, x, y, sensitivity=sensitivity, p=p).mean()
-    return LossTerms(ce + lam * penalty, ce.detach(), penalty.detach(), int((logits.argmax(1) == y).sum()))
+    return LossTerms(ce + lam * penalty, ce.detach(), penalty.detach(), (logits.argmax(1) == y).sum())
 
 
 @dataclass(frozen=True)
@@ -213,10 +293,66 @@ def epoch_loader(ds: Dataset, train: Mapping[str, Any], epoch: int, device: torc
     )
 
 
+def in_memory_tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Images and labels of an in-memory dataset (a ``TensorDataset`` such as MNIST or
+    CIFAR-10, or a ``Subset`` of one), or None for one that decodes files (image folders)."""
+    indices = None
+    if isinstance(ds, Subset):
+        indices, ds = torch.as_tensor(ds.indices), ds.dataset
+    if not isinstance(ds, TensorDataset) or len(ds.tensors) != 2:
+        return None
+    images, labels = ds.tensors
+    return (images, labels) if indices is None else (images[indices], labels[indices])
+
+
+class DeviceBatches:
+    """The shuffled batches of an in-memory training set that lives on the training device for
+    the whole run (MNIST as float32 is 188 MB), indexed there: no loader, no host copies.
+
+    Each epoch's order is the one :func:`epoch_loader` gives (a ``DataLoader`` draws its base
+    seed, then the permutation, from the epoch's generator), so both paths train alike.
+    """
+
+    def __init__(self, tensors: tuple[torch.Tensor, torch.Tensor], train: Mapping[str, Any], device: torch.device) -> None:
+        self.images, self.labels = (t.to(device) for t in tensors)
+        self.train, self.device = train, device
+
+    def epoch(self, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(epoch_seed(self.train["seed"], epoch))
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the DataLoader's base seed
+        order = torch.randperm(len(self.labels), generator=generator).to(self.device)
+        size = self.train["batch_size"]
+        return [(self.images[rows], self.labels[rows]) for rows in order.split(size)]
+
+
+def training_batches(ds: Dataset, train: Mapping[str, Any], device: torch.device) -> Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]:
+    """Epoch -> its batches: on the device for an in-memory dataset without loader workers,
+    else from a ``DataLoader`` (image folders: decoding and augmentation in workers)."""
+    tensors = in_memory_tensors(ds)
+    if tensors is not None and train["num_workers"] == 0:
+        return DeviceBatches(tensors, train, device).epoch
+    return lambda epoch: epoch_loader(ds, train, epoch, device)
+
+
+# the per-step log is kept on the device and read (one sync) every this many steps
+LOG_EVERY = 50
+
+
 def _save_resume_state(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def _flush_log(pending: list[tuple[dict[str, float], torch.Tensor]], rows: list[dict[str, float]], what: str) -> None:
+    """Move the pending rows' device values into ``rows`` (one transfer); raise
+    :class:`TrainingDiverged` at the first non-finite loss."""
+    values = torch.stack([v for _, v in pending]).cpu().tolist()
+    for (row, _), (loss, cross_entropy, penalty, accuracy) in zip(pending, values):
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss} at step {row['step']} (epoch {row['epoch']}) with {what} or the learning rate")
+        rows.append({**row, "loss": loss, "cross_entropy": cross_entropy, "penalty": penalty, "accuracy": accuracy})
+    pending.clear()
 
 
 def fit(
@@ -274,48 +410,57 @@ def _fit(
 
     accumulate = train["accumulation_steps"]
     step = len(rows)
+    batches_of = training_batches(train_set, train, device)
+    what = f"PGD epsilon={adversarial.epsilon:g}; lower epsilon" if adversarial else f"lambda={lam:g}; lower lambda"
     for epoch in range(start_epoch, train["epochs"]):
         torch.manual_seed(epoch_seed(train["seed"], epoch))  # dropout and augmentation draws
         model.train()
         if train["freeze_batchnorm"]:
             freeze_batchnorm(model)
-        loader = epoch_loader(train_set, train, epoch, device)
+        loader = batches_of(epoch)
         bar = progress(loader, desc=f"epoch {epoch + 1}/{train['epochs']}", unit="batch")
         optimizer.zero_grad(set_to_none=True)
-        batches = len(loader)
+        batches = len(loader)  # type: ignore[arg-type]
+        pending: list[tuple[dict[str, float], torch.Tensor]] = []  # rows whose values are still on the device
         for i, (x, y) in enumerate(bar):
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             if adversarial is not None:
                 x = adversarial_batch(model, x, y, adversarial, bounds)
-            terms = regularized_loss(model, x, y, lam=lam, sensitivity=train["sensitivity"], p=train["p"])
-            if not torch.isfinite(terms.loss):
-                raise TrainingDiverged(
-                    f"loss became {terms.loss.item()} at step {step} (epoch {epoch + 1}) with "
-                    + (f"PGD epsilon={adversarial.epsilon:g}; lower epsilon" if adversarial else f"lambda={lam:g}; lower lambda")
-                    + " or the learning rate"
-                )
+            terms = regularized_loss(
+                model,
+                x,
+                y,
+                lam=lam,
+                sensitivity=train["sensitivity"],
+                p=train["p"],
+                penalty_gradient=train["penalty_gradient"],
+                finite_difference_step=train["finite_difference_step"],
+            )
             # the mean over the optimizer step's batches (fewer in the epoch's last group)
             group = min(accumulate, batches - (i // accumulate) * accumulate)
             (terms.loss / group).backward()
+            values = torch.stack(  # float64: each value reads back as .item() and int / int gave it
+                [
+                    terms.loss.detach().double(),
+                    terms.cross_entropy.double(),
+                    terms.penalty.double() if terms.penalty is not None else torch.full_like(terms.cross_entropy, math.nan, dtype=torch.float64),
+                    terms.correct.double() / len(y),
+                ]
+            )
+            row = {"step": step, "epoch": epoch + 1, "learning_rate": optimizer.param_groups[0]["lr"]}
+            pending.append((row, values))
+            # read the device-side log (one sync) every LOG_EVERY steps and at the epoch's end;
+            # a non-finite loss stops the run there, before any model is written
+            if len(pending) == LOG_EVERY or i + 1 == batches:
+                _flush_log(pending, rows, what)
+                bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", acc=f"{rows[-1]['accuracy']:.2f}")  # type: ignore[attr-defined]
             if (i + 1) % accumulate == 0 or i + 1 == batches:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            row = {
-                "step": step,
-                "epoch": epoch + 1,
-                "loss": terms.loss.item(),
-                "cross_entropy": terms.cross_entropy.item(),
-                "penalty": math.nan if terms.penalty is None else terms.penalty.item(),
-                "accuracy": terms.correct / len(y),
-                "learning_rate": optimizer.param_groups[0]["lr"],
-            }
-            rows.append(row)
             step += 1
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")  # type: ignore[attr-defined]
         scheduler.step()
-        recent = rows[-len(loader) :]
+        recent = rows[-batches:]
         log.info(
             "epoch %d: loss %.4f, accuracy %.4f",
             epoch + 1,

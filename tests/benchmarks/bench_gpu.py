@@ -1,0 +1,75 @@
+"""The GPU path: seconds per training epoch on one device, exact and finite-difference penalty,
+and the projected training time of config/paper-mnist.yaml (one model at a time).
+
+    python tests/benchmarks/bench_gpu.py [--config config/paper-mnist.yaml] [--data-root ../shared/data]
+        [--device cuda] [--epochs 1] [--lambda 1e-3]
+
+Trains the config's architecture on its training set (its batch size, optimizer and
+n_train) for ``--epochs`` per variant, with the training set on the device (the pipeline's
+path for in-memory datasets), and prints a markdown table. ``--device cpu`` runs it without a
+GPU (for checking the script; the pipeline's CPU numbers are bench_training.py's).
+Not measured here: the vectorised ensemble of issue 15 is not built yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from saliency_robustness.config import load_config, model_grid
+from saliency_robustness.data import open_split, seeded_subset
+from saliency_robustness.models import build_model
+from saliency_robustness.stages.training import fit, model_spec
+
+
+def seconds_per_epoch(config: dict, train_set: object, lam: float, method: str, device: torch.device, epochs: int) -> float:
+    settings = {**config["train"], "epochs": epochs, "penalty_gradient": method}
+    model = build_model(model_spec("bench", lam, config["dataset"], config["model"], settings))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fit(model, train_set, settings, lam, device=device)  # type: ignore[arg-type]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / epochs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="config/paper-mnist.yaml")
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lambda", dest="lam", type=float, default=None, help="default: the config's largest lambda")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device visible; pass --device cpu to check the script")
+
+    config = load_config(args.config, {"data_root": args.data_root})
+    split, _ = open_split(config["dataset"], args.data_root, "train")
+    train_set, _ = seeded_subset(split, config["train"]["n_train"], config["train"]["seed"])
+    grid = model_grid(config)
+    lam = args.lam if args.lam is not None else max(point.lam for point in grid.values())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{name}: {len(train_set)} training images, batch {config['train']['batch_size']}, {args.epochs} epoch(s) per variant\n")
+    print("| variant | seconds per epoch | ratio to plain |")
+    print("| --- | --- | --- |")
+    times = {"plain": seconds_per_epoch(config, train_set, 0.0, "exact", device, args.epochs)}
+    for method in ("exact", "finite_difference"):
+        times[method] = seconds_per_epoch(config, train_set, lam, method, device, args.epochs)
+    for variant, seconds in times.items():
+        print(f"| {variant if variant == 'plain' else f'lambda {lam:g}, {variant}'} | {seconds:.2f} | {seconds / times['plain']:.2f} |")
+    epochs = config["train"]["epochs"]
+    regularized = sum(point.lam > 0 for point in grid.values())
+    plain = len(grid) - regularized
+    print(f"\nprojected training of {args.config} ({len(grid)} models x {epochs} epochs, one model at a time on this device):")
+    for method in ("exact", "finite_difference"):
+        hours = epochs * (plain * times["plain"] + regularized * times[method]) / 3600
+        print(f"- {method}: {hours:.1f} h")
+
+
+if __name__ == "__main__":
+    main()
