@@ -67,8 +67,8 @@ def main() -> None:
     plain = len(grid) - regularized
     print(f"\nprojected training of {args.config} ({len(grid)} models x {epochs} epochs, one model at a time on this device):")
     for method in ("exact", "finite_difference"):
-        hours = epochs * (plain * times["plain"] + regularized * times[method]) / 3600
-        print(f"- {method}: {hours:.1f} h")
+        seconds = epochs * (plain * times["plain"] + regularized * times[method])
+        print(f"- {method}: {seconds / 3600:.2f} h ({seconds / 60:.0f} min)")
 
 
 if __name__ == "__main__":
