@@ -1,5 +1,6 @@
 """The GPU path: seconds per training epoch on one device, exact and finite-difference penalty,
-and the projected training time of config/paper-mnist.yaml (one model at a time).
+the grid's gradnorm models as one vectorised ensemble (train.ensemble), and the projected
+training time of config/paper-mnist.yaml both ways.
 
     python tests/benchmarks/bench_gpu.py [--config config/paper-mnist.yaml] [--data-root ../shared/data]
         [--device cuda] [--epochs 1] [--lambda 1e-3]
@@ -7,8 +8,7 @@ and the projected training time of config/paper-mnist.yaml (one model at a time)
 Trains the config's architecture on its training set (its batch size, optimizer and
 n_train) for ``--epochs`` per variant, with the training set on the device (the pipeline's
 path for in-memory datasets), and prints a markdown table. ``--device cpu`` runs it without a
-GPU (for checking the script; the pipeline's CPU numbers are bench_training.py's).
-Not measured here: the vectorised ensemble of issue 15 is not built yet.
+GPU (for checking the script, or for the CPU's side of the ensemble question).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from saliency_robustness.config import load_config, model_grid
 from saliency_robustness.data import open_split, seeded_subset
 from saliency_robustness.models import build_model
-from saliency_robustness.stages.training import fit, model_spec
+from saliency_robustness.stages.training import fit, fit_ensemble, model_spec
 
 
 def seconds_per_epoch(config: dict, train_set: object, lam: float, method: str, device: torch.device, epochs: int) -> float:
@@ -31,6 +31,18 @@ def seconds_per_epoch(config: dict, train_set: object, lam: float, method: str, 
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     fit(model, train_set, settings, lam, device=device)  # type: ignore[arg-type]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / epochs
+
+
+def ensemble_seconds_per_epoch(config: dict, train_set: object, lams: list[float], device: torch.device, epochs: int) -> float:
+    settings = {**config["train"], "epochs": epochs, "penalty_gradient": "exact"}
+    models = [build_model(model_spec("bench", lam, config["dataset"], config["model"], settings)) for lam in lams]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fit_ensemble(models, [train_set] * len(lams), settings, lams, list(range(len(lams))), device=device)  # type: ignore[list-item]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / epochs
@@ -60,15 +72,20 @@ def main() -> None:
     times = {"plain": seconds_per_epoch(config, train_set, 0.0, "exact", device, args.epochs)}
     for method in ("exact", "finite_difference"):
         times[method] = seconds_per_epoch(config, train_set, lam, method, device, args.epochs)
+    lams = [point.lam for point in grid.values() if point.method == "gradnorm"]
+    times["ensemble"] = ensemble_seconds_per_epoch(config, train_set, lams, device, args.epochs)
     for variant, seconds in times.items():
-        print(f"| {variant if variant == 'plain' else f'lambda {lam:g}, {variant}'} | {seconds:.2f} | {seconds / times['plain']:.2f} |")
+        label = {"plain": "plain (lambda 0)", "ensemble": f"ensemble of {len(lams)} (exact)"}.get(variant, f"lambda {lam:g}, {variant}")
+        print(f"| {label} | {seconds:.2f} | {seconds / times['plain']:.2f} |")
     epochs = config["train"]["epochs"]
     regularized = sum(point.lam > 0 for point in grid.values())
     plain = len(grid) - regularized
-    print(f"\nprojected training of {args.config} ({len(grid)} models x {epochs} epochs, one model at a time on this device):")
+    print(f"\nprojected training of {args.config} ({len(grid)} models x {epochs} epochs on this device):")
     for method in ("exact", "finite_difference"):
         seconds = epochs * (plain * times["plain"] + regularized * times[method])
-        print(f"- {method}: {seconds / 3600:.2f} h ({seconds / 60:.0f} min)")
+        print(f"- one model at a time, {method}: {seconds / 3600:.2f} h ({seconds / 60:.0f} min)")
+    seconds = epochs * times["ensemble"]
+    print(f"- one ensemble of {len(lams)}: {seconds / 3600:.2f} h ({seconds / 60:.0f} min)")
 
 
 if __name__ == "__main__":

@@ -82,10 +82,22 @@ def model_dir(model):
     return f"{RESULTS}/models/{model}"
 
 
+# train.ensemble: the gradnorm models of the grid train in one job (rule train_ensemble)
+ENSEMBLE = [m for m, point in GRID.items() if point.method == "gradnorm"] if config["train"]["ensemble"] else []
+# the models the per-model train rule makes
+TRAIN_PATTERN = (
+    "|".join(re.escape(m) for m in GRID if m not in ENSEMBLE) or "(?!)" if ENSEMBLE else MODEL_NAME_PATTERN
+)
+
+
 def train_settings(wildcards):
-    point = GRID[wildcards.model]
+    return model_settings(wildcards.model)
+
+
+def model_settings(model):
+    point = GRID[model]
     return canonical({
-        "name": wildcards.model,
+        "name": model,
         "method": point.method,
         "lam": point.lam,
         "epsilon": point.epsilon,

@@ -2,7 +2,7 @@
 # shared cores were 5-10x slower (oversubscription). Raise with --set-threads train=8.
 rule train:
     wildcard_constraints:
-        model=MODEL_NAME_PATTERN,
+        model=TRAIN_PATTERN,
     output:
         directory(f"{RESULTS}/models/{{model}}"),
     params:
@@ -20,6 +20,29 @@ rule train:
         ENV
     script:
         "../scripts/train.py"
+
+
+# train.ensemble: the grid's gradnorm models in one job (stages/training.train_ensemble_stage);
+# changing one lambda retrains them all
+if ENSEMBLE:
+
+    rule train_ensemble:
+        output:
+            [directory(f"{RESULTS}/models/{m}") for m in ENSEMBLE],
+        params:
+            settings=[model_settings(m) for m in ENSEMBLE],
+            version=stage_version("train_ensemble", models=[model_settings(m) for m in ENSEMBLE]),
+        log:
+            f"{LOGS}/train/ensemble.log",
+        threads: 1
+        resources:
+            mem_mb=16000,
+            runtime=480,
+            gpu=1,
+        conda:
+            ENV
+        script:
+            "../scripts/train_ensemble.py"
 
 
 # models.external: checkpoints the pipeline analyses without training (stages/external.py)

@@ -16,12 +16,14 @@ nondeterministic kernels make any two GPU runs differ in the last bits).
 
 from __future__ import annotations
 
+import copy
 import csv
+import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -566,3 +568,157 @@ def train_stage(
         save_performance(tmp, test_accuracy, majority_share, len(test_set), train_seconds=seconds)  # type: ignore[arg-type]
     if resume is not None and resume.exists():
         resume.unlink()
+
+
+# --- a grid as one vectorised ensemble (train.ensemble) ------------------------------------
+
+
+def _functional_loss(base: nn.Module, sensitivity: str, p: float) -> Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+    """One model's objective as a function of its parameters (``torch.func``): the loss of
+    :func:`regularized_loss` (exact penalty) from a single forward pass, with its terms."""
+    from torch.func import functional_call, grad
+
+    def loss(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> Any:
+        def summed_sensitivity(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = functional_call(base, (params, buffers), (inputs,))
+            return _sensitivity(logits, y, sensitivity).sum(), logits
+
+        g, logits = grad(summed_sensitivity, has_aux=True)(x)  # per-example input gradients, one forward
+        squared_norm = g.flatten(1).pow(2).sum(dim=1)
+        penalty = (squared_norm if p == 2 else (squared_norm + PENALTY_EPS).pow(p / 2)).mean()
+        ce = F.cross_entropy(logits, y)
+        correct = (logits.argmax(1) == y).sum()
+        return ce + lam * penalty, (ce.detach(), penalty.detach(), correct)
+
+    return loss
+
+
+class Ensemble:
+    """Models of one architecture trained as one: their parameters stacked along a leading
+    model dim (``torch.func.stack_module_state``) and stepped by one optimizer, whose updates
+    (weight decay, momentum, Adam) act elementwise, hence per model. Each model keeps its own
+    lambda, initialization, data order and optimizer state; ``vmap(..., randomness="different")``
+    gives each its own dropout draws (not the draws of the per-model path)."""
+
+    def __init__(self, models: Sequence[nn.Module], train: Mapping[str, Any], lams: Sequence[float], device: torch.device) -> None:
+        from torch.func import stack_module_state
+
+        for model in models:
+            model.to(device).train()
+            if train["freeze_batchnorm"]:
+                freeze_batchnorm(model)
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+                raise ConfigError("train.ensemble needs frozen batch norm (train.freeze_batchnorm: true): running statistics cannot be stacked")
+        params, self.buffers = stack_module_state(list(models))
+        self.params = {name: nn.Parameter(value.detach()) for name, value in params.items()}
+        self.base = copy.deepcopy(models[0]).to("meta")
+        self.lams = torch.tensor([float(lam) for lam in lams], device=device)
+        holder = nn.Module()
+        holder.stacked = nn.ParameterList(self.params.values())
+        self.optimizer = make_optimizer(holder, train)
+        self.loss = _functional_loss(self.base, train["sensitivity"], float(train["p"]))
+
+    def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Each model's parameter gradient on its own batch (``x``: models x batch x ...), and
+        its (loss, cross-entropy, penalty, correct) as a models x 4 tensor."""
+        from torch.func import grad, vmap
+
+        step = vmap(grad(self.loss, has_aux=True), in_dims=(0, 0, 0, 0, 0), randomness="different")
+        grads, (ce, penalty, correct) = step(self.params, self.buffers, x, y, self.lams)
+        ce, penalty = ce.detach(), penalty.detach()
+        loss = ce + self.lams * penalty
+        logged_penalty = torch.where(self.lams == 0, torch.full_like(penalty, math.nan), penalty)  # as fit logs lambda = 0
+        return grads, torch.stack([loss, ce, logged_penalty, correct.to(ce.dtype)], dim=1)
+
+    def state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """Model ``m``'s parameters and buffers, as its ``state_dict``."""
+        size = len(self.lams)
+        return [{name: value[m].detach() for name, value in {**self.params, **self.buffers}.items()} for m in range(size)]
+
+
+def fit_ensemble(
+    models: Sequence[nn.Module],
+    train_sets: Sequence[Dataset],
+    train: Mapping[str, Any],
+    lams: Sequence[float],
+    seeds: Sequence[int],
+    *,
+    device: torch.device,
+) -> list[list[dict[str, float]]]:
+    """Train ``models`` (one architecture; model ``m`` on ``train_sets[m]`` with ``lams[m]``,
+    its data order drawn from ``seeds[m]``) as one :class:`Ensemble`, in place; return each
+    model's per-step log, as :func:`fit` writes it. Exact penalty, in-memory data only."""
+    if train["penalty_gradient"] != "exact" or train["accumulation_steps"] != 1:
+        raise ConfigError("train.ensemble trains with penalty_gradient: exact and accumulation_steps: 1 only")
+    tensors = [in_memory_tensors(ds) for ds in train_sets]
+    if any(t is None for t in tensors) or len({len(t[1]) for t in tensors if t is not None}) != 1:
+        raise ConfigError("train.ensemble needs in-memory training sets of one size (MNIST, CIFAR-10)")
+    with full_precision():
+        ensemble = Ensemble(models, train, lams, device)
+        scheduler = torch.optim.lr_scheduler.StepLR(ensemble.optimizer, step_size=train["lr_step_epochs"], gamma=train["lr_gamma"])
+        data = [DeviceBatches(t, {**train, "seed": seed}, device) for t, seed in zip(tensors, seeds)]  # type: ignore[arg-type]
+        logs: list[list[dict[str, float]]] = [[] for _ in models]
+        step = 0
+        for epoch in range(train["epochs"]):
+            torch.manual_seed(epoch_seed(seeds[0], epoch))  # the ensemble's dropout draws
+            batches = list(zip(*(d.epoch(epoch) for d in data)))
+            pending: list[tuple[int, torch.Tensor]] = []
+            for i, group in enumerate(progress(batches, desc=f"epoch {epoch + 1}/{train['epochs']}", unit="batch")):
+                x = torch.stack([b[0] for b in group])
+                y = torch.stack([b[1] for b in group])
+                grads, values = ensemble.gradients(x, y)
+                for name, param in ensemble.params.items():
+                    param.grad = grads[name]
+                ensemble.optimizer.step()
+                ensemble.optimizer.zero_grad(set_to_none=True)
+                pending.append((step, values.double() / torch.tensor([1, 1, 1, len(y[0])], dtype=torch.float64, device=values.device)))
+                step += 1
+                if len(pending) == LOG_EVERY or i + 1 == len(batches):
+                    rate = ensemble.optimizer.param_groups[0]["lr"]
+                    for m, (lam, log_m) in enumerate(zip(lams, logs)):
+                        rows = [({"step": s, "epoch": epoch + 1, "learning_rate": rate}, v[m]) for s, v in pending]
+                        _flush_log(rows, log_m, f"lambda={lam:g} (model {m} of the ensemble); lower lambda")
+                    pending.clear()
+            scheduler.step()
+            log.info("epoch %d: loss %s", epoch + 1, " ".join(f"{log_m[-1]['loss']:.4f}" for log_m in logs))
+        for model, state in zip(models, ensemble.state_dicts()):
+            model.load_state_dict(state)
+    return logs
+
+
+def train_ensemble_stage(
+    *,
+    specs: Sequence[ModelSpec],
+    dataset: Mapping[str, Any],
+    trains: Sequence[Mapping[str, Any]],
+    data_root: str | Path,
+    outputs: Sequence[str | Path],
+) -> None:
+    """Train the gradient-norm models of a grid as one ensemble (``train.ensemble``) and write
+    each one's ``models/<model>/`` as :func:`train_stage` does. The models differ in lambda and
+    seed only (``trains[m]`` is model ``m``'s train section)."""
+    shared = [{k: v for k, v in t.items() if k != "seed"} for t in trains]
+    if any(s != shared[0] for s in shared) or len({(s.architecture, json.dumps(s.architecture_options, sort_keys=True)) for s in specs}) != 1:
+        raise ConfigError("train.ensemble: the models of one ensemble must share architecture and training settings but lambda and seed")
+    device = resolve_device()
+    log.info("training %d models as one ensemble (lambdas %s) on %s", len(specs), ", ".join(f"{s.lam:g}" for s in specs), device)
+    train_split, _ = open_split(dataset, data_root, "train")
+    check_classes(specs[0], class_names(train_split))
+    subsets = [seeded_subset(train_split, t["n_train"], t["seed"])[0] for t in trains]
+    test_set, _ = open_split(dataset, data_root, "test")
+    models = [build_model(spec) for spec in specs]
+    for model, spec in zip(models, specs):
+        load_initial_weights(model, spec, data_root)
+    started = time.perf_counter()
+    logs = fit_ensemble(models, subsets, trains[0], [s.lam for s in specs], [t["seed"] for t in trains], device=device)
+    seconds = time.perf_counter() - started
+    for model, spec, rows, output in zip(models, specs, logs, outputs):
+        test_accuracy, majority_share = test_performance(model, test_set, device=device, num_workers=trains[0]["num_workers"])
+        log.info("%s: test accuracy %.4f on %d images", spec.name, test_accuracy, len(test_set))  # type: ignore[arg-type]
+        degenerate = degenerate_reason(test_accuracy, majority_share, spec.num_classes)
+        if degenerate:
+            log.warning("%s is degenerate: %s; its statistics are flagged and left out of the trends", spec.name, degenerate)
+        with atomic_directory(output) as tmp:
+            save_model(model.cpu(), spec, tmp)
+            write_log(rows, tmp / "training_log.csv")
+            save_performance(tmp, test_accuracy, majority_share, len(test_set), train_seconds=seconds)  # type: ignore[arg-type]

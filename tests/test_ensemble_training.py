@@ -1,0 +1,97 @@
+"""train.ensemble: a grid trained as one vectorised ensemble (torch.func) equals the
+per-model path: each model's parameter gradient, and a few steps of training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Subset, TensorDataset
+
+from saliency_robustness.config import validate_config
+from saliency_robustness.stages.training import Ensemble, fit, fit_ensemble, regularized_loss
+
+LAMS = (0.0, 0.5, 2.0)
+
+
+def dropout_free_models() -> list[nn.Module]:
+    """Three models of one architecture from three seeds (no dropout: its draws differ by design)."""
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(
+            nn.Sequential(
+                nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 16), nn.Tanh(), nn.Linear(16, 3)
+            )
+        )
+    return models
+
+
+def train_config(**overrides: object) -> dict:
+    return validate_config({"experiment": "t", "train": {"epochs": 2, "batch_size": 8, "learning_rate": 0.05, "weight_decay": 1e-3, **overrides}})[
+        "train"
+    ]
+
+
+@pytest.mark.parametrize(("sensitivity", "p"), [("loss", 2.0), ("logit", 1.0)])
+def test_every_models_gradient_equals_the_per_model_loop(sensitivity: str, p: float) -> None:
+    models = dropout_free_models()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(3, 6, 1, 8, 8, generator=g), torch.randint(0, 3, (3, 6), generator=g)
+    ensemble = Ensemble([copy.deepcopy(m) for m in models], train_config(sensitivity=sensitivity, p=p), LAMS, torch.device("cpu"))
+    grads, values = ensemble.gradients(x, y)
+    for m, (model, lam) in enumerate(zip(models, LAMS)):
+        model.zero_grad()
+        terms = regularized_loss(model, x[m], y[m], lam=lam, sensitivity=sensitivity, p=p)
+        terms.loss.backward()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(grads[name][m], param.grad, rtol=1e-5, atol=1e-6)
+        assert float(values[m, 0]) == pytest.approx(float(terms.loss.detach()), rel=1e-5)
+
+
+def test_a_few_epochs_of_ensemble_training_match_per_model_training() -> None:
+    g = torch.Generator().manual_seed(1)
+    ds = TensorDataset(torch.rand(60, 1, 8, 8, generator=g), torch.randint(0, 3, (60,), generator=g))
+    subsets = [Subset(ds, list(range(s, 60, 2))[:24]) for s in (0, 1, 0)]  # each model its own training set
+    seeds = [0, 1, 2]
+    models = dropout_free_models()
+    singles = [copy.deepcopy(m) for m in models]
+    train = train_config()
+    logs = fit_ensemble(models, subsets, train, LAMS, seeds, device=torch.device("cpu"))
+    for m, (single, seed) in enumerate(zip(singles, seeds)):
+        rows = fit(single, subsets[m], {**train, "seed": seed}, LAMS[m], device=torch.device("cpu"))
+        assert len(rows) == len(logs[m]) == 2 * 3
+        for ours, theirs in zip(logs[m], rows):
+            assert ours.keys() == theirs.keys()
+            assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+            assert (ours["penalty"] != ours["penalty"]) == (theirs["penalty"] != theirs["penalty"])  # NaN alike at lambda = 0
+        for (name, value), reference in zip(models[m].state_dict().items(), single.state_dict().values()):
+            torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6, msg=f"model {m}: {name}")
+
+
+def test_the_ensemble_stage_writes_each_model_directory_as_the_per_model_stage_does(fake_cifar10, tmp_path) -> None:  # noqa: ANN001
+    from saliency_robustness.models import load_model
+    from saliency_robustness.stages.training import model_spec, train_ensemble_stage, train_stage
+
+    root, _ = fake_cifar10
+    config = validate_config(
+        {
+            "experiment": "t",
+            "dataset": {"kind": "cifar10"},
+            "model": {"architecture": "mnist_cnn", "in_channels": 3, "image_size": 32},
+            "train": {"epochs": 1, "batch_size": 10, "lambdas": [0.0, 0.1], "ensemble": True},
+        }
+    )
+    trains = [{**config["train"], "seed": seed} for seed in (0, 1)]
+    specs = [model_spec(f"m{i}", lam, config["dataset"], config["model"], t) for i, (lam, t) in enumerate(zip((0.0, 0.1), trains))]
+    outputs = [tmp_path / "ensemble" / s.name for s in specs]
+    train_ensemble_stage(specs=specs, dataset=config["dataset"], trains=trains, data_root=root, outputs=outputs)
+    train_stage(spec=specs[1], dataset=config["dataset"], train=trains[1], data_root=root, output=tmp_path / "single")
+    for output in outputs:
+        assert sorted(p.name for p in output.iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+        model = load_model(output)
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    ours = (outputs[1] / "training_log.csv").read_text().splitlines()
+    assert ours[0] == (tmp_path / "single" / "training_log.csv").read_text().splitlines()[0] and len(ours) == 1 + 3
