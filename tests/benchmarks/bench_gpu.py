@@ -88,7 +88,8 @@ def main() -> None:
     for method in ("exact", "finite_difference"):
         seconds = epochs * (plain * times["plain"] + regularized * times[method])
         print(f"- one model at a time, {method}: {seconds / 3600:.2f} h ({seconds / 60:.0f} min)")
-    seconds = epochs * times["ensemble"] * regularized / len(lams)  # ensembles of the measured size, one after another
+    gradnorm = sum(point.method == "gradnorm" for point in grid.values())
+    seconds = epochs * times["ensemble"] * gradnorm / len(lams)  # ensembles of the measured size, one after another
     print(f"- ensembles of {len(lams)}: {seconds / 3600:.2f} h ({seconds / 60:.0f} min)")
 
 
