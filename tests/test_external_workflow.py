@@ -163,6 +163,12 @@ def test_weights_are_identified_by_content_so_one_edit_reruns_that_model_only(ex
     finally:
         cnn.write_bytes(original)
     assert jobs == {"external": 1, "saliency": 1, "attack": 3, "metrics": 1, "summary": 1, "figure": jobs["figure"]}, jobs
+    moved = mixed_config(external_run["data_root"])
+    (external_run["data_root"] / "elsewhere").mkdir(exist_ok=True)
+    (external_run["data_root"] / "elsewhere" / "affine.pt").write_bytes(checkpoint.read_bytes())
+    moved["models"]["external"][0]["weights"] = str(external_run["data_root"] / "elsewhere" / "affine.pt")  # absolute, another folder
+    (tmp_path / "moved.yaml").write_text(yaml.safe_dump(moved))
+    assert dry_run(external_run, tmp_path / "moved.yaml") == {}  # where the weights lie is not what they are
     relabelled = tmp_path / "relabelled.yaml"
     relabelled.write_text(yaml.safe_dump(mixed_config(external_run["data_root"], affine={"source": "renamed"})))
     assert dry_run(external_run, relabelled) == {"summary": 1, "figure": dry_run(external_run, relabelled)["figure"]}
