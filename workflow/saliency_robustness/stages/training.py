@@ -70,10 +70,14 @@ def input_gradient_penalty(logits: torch.Tensor, x: torch.Tensor, y: torch.Tenso
     else:
         raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, not {sensitivity!r}")
     (grad,) = torch.autograd.grad(s, x, create_graph=True)
-    squared_norm = grad.flatten(1).pow(2).sum(dim=1)
+    return norm_power(grad.flatten(1).pow(2).sum(dim=1), p)
+
+
+def norm_power(squared_norm: torch.Tensor, p: float) -> torch.Tensor:
+    """``||g||^p`` from ``||g||^2``. ``(||g||^2)^(p/2)`` has an infinite derivative at
+    ``g = 0`` for ``p < 2``: smoothed there by :data:`PENALTY_EPS`."""
     if p == 2:
         return squared_norm
-    # ||g||^p = (||g||^2)^(p/2) has an infinite derivative at g = 0 for p < 2: smooth it there
     return (squared_norm + PENALTY_EPS).pow(p / 2)
 
 
@@ -129,10 +133,7 @@ def finite_difference_penalty(
     shifted = _sensitivity(model(x.detach() + step * direction), y, sensitivity)
     if after is not None:
         after.replay()  # the stream goes on as after one forward pass (as in exact training)
-    difference = (shifted - s) / step
-    if p == 2:
-        return difference.pow(2)
-    return (difference.pow(2) + PENALTY_EPS).pow(p / 2)
+    return norm_power(((shifted - s) / step).pow(2), p)
 
 
 @dataclass
@@ -585,7 +586,7 @@ def _functional_loss(base: nn.Module, sensitivity: str, p: float) -> Callable[..
 
         g, logits = grad(summed_sensitivity, has_aux=True)(x)  # per-example input gradients, one forward
         squared_norm = g.flatten(1).pow(2).sum(dim=1)
-        penalty = (squared_norm if p == 2 else (squared_norm + PENALTY_EPS).pow(p / 2)).mean()
+        penalty = norm_power(squared_norm, p).mean()
         ce = F.cross_entropy(logits, y)
         correct = (logits.argmax(1) == y).sum()
         return ce + lam * penalty, (ce.detach(), penalty.detach(), correct)
