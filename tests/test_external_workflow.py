@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import xarray as xr
@@ -106,6 +107,8 @@ def test_a_trained_grid_and_two_external_checkpoints_run_end_to_end(external_run
     assert list(summary["source"].values) == ["", "closed form", "own"]
     np.testing.assert_array_equal(summary["eps"].values, [np.nan, 0.5, np.nan])
     assert np.isnan(summary["strength"].sel(model="affine"))
+    table = pd.read_csv(results / "summary.csv", keep_default_na=False).query("subset == 'all'")
+    assert list(table["source"]) == ["", "closed form", "own"]  # the attributes are columns of summary.csv too
     for name in MODELS:
         xr.open_zarr(results / "metrics" / f"{name}.zarr")  # every store opens
     assert sorted(p.name for p in (results / "figures").glob("*.png"))

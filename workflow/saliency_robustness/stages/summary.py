@@ -207,6 +207,10 @@ def _attribute_values(values: list[Any]) -> np.ndarray:
     return np.array(["" if v is None else str(v) for v in values], dtype=object)
 
 
+# marks the per-model coordinates that come from models.external attributes
+ATTRIBUTE_ROLE = "models.external attribute"
+
+
 def attribute_coords(names: Sequence[str], attributes: Mapping[str, Mapping[str, Any]], taken: Iterable[str]) -> dict[str, Any]:
     """The external models' free-form ``attributes`` as per-model coordinates (missing for a
     model: NaN or ""); a name that a summary variable already has is an error."""
@@ -215,7 +219,11 @@ def attribute_coords(names: Sequence[str], attributes: Mapping[str, Mapping[str,
     if clash:
         raise ConfigError(f"models.external attribute {clash[0]!r} is also the name of a summary variable; rename it")
     return {
-        key: ("model", _attribute_values([attributes.get(m, {}).get(key) for m in names]), {"long_name": f"attribute {key} (models.external)"})
+        key: (
+            "model",
+            _attribute_values([attributes.get(m, {}).get(key) for m in names]),
+            {"long_name": f"attribute {key} (models.external)", "role": ATTRIBUTE_ROLE},
+        )
         for key in keys
     }
 
@@ -521,6 +529,11 @@ def _quantity_columns(stats: xr.Dataset, level: str, names: Sequence[str]) -> di
     return {f"{q}_{name}": float(stats[f"{level}_{name}"].sel(quantity=q)) for q in stats["quantity"].values for name in names}
 
 
+def attribute_names(summary: xr.Dataset) -> list[str]:
+    """The per-model coordinates made from the external models' attributes."""
+    return [str(name) for name, coord in summary.coords.items() if coord.attrs.get("role") == ATTRIBUTE_ROLE]
+
+
 def model_table(summary: xr.Dataset) -> pd.DataFrame:
     """One row per model and subset (``summary.csv``)."""
     rows = []
@@ -545,6 +558,7 @@ def model_table(summary: xr.Dataset) -> pd.DataFrame:
                 "n_images": int(s["model_n_images"]),
                 "attack_failures": int(s["attack_failures"]),
             }
+            row |= {name: m[name].item() for name in attribute_names(summary)}
             row |= _quantity_columns(s, "model", ("median", "median_ci_low", "median_ci_high", "q25", "q75"))
             for pair in summary["pair"].values:
                 x, y = str(pair).split("~")
