@@ -17,6 +17,7 @@ import yaml
 
 from conftest import REPO
 from saliency_robustness.config import model_grid, validate_config
+from saliency_robustness.runtime import machine
 from saliency_robustness.stages.figures import FIGURES
 
 pytestmark = pytest.mark.workflow
@@ -89,10 +90,23 @@ def test_smoke_run_produces_every_store_figure_and_log(smoke_run) -> None:  # no
         assert (out / "logs" / "train" / f"{model}.log").stat().st_size > 0
     summary = xr.open_zarr(out / "summary.zarr")
     assert list(summary["model"].values) == models
+    # what produced each model, and the set of machines in the summary
+    trained_on = {model: json.loads((out / "models" / model / "machine.json").read_text()) for model in models}
+    here = machine()
+    for record in trained_on.values():
+        assert {k: record[k] for k in ("cpu", "cpu_flags", "cpu_capability", "torch", "torch_git", "blas_info", "onednn")} == {
+            k: here[k] for k in ("cpu", "cpu_flags", "cpu_capability", "torch", "torch_git", "blas_info", "onednn")
+        }
+        assert record["threads"] == 1 and record["device"] == "cpu"  # every rule asks for one thread
+    assert list(summary["machine"].values) == [trained_on[m]["id"] for m in models]
+    assert set(json.loads(summary.attrs["machines"])) == {r["id"] for r in trained_on.values()}
+    attack = xr.open_zarr(next((out / "attacks" / models[0]).glob("*.zarr")))
+    assert json.loads(attack.attrs["machine"])["torch"] == here["torch"]
+    assert json.loads(xr.open_zarr(out / "metrics" / f"{models[0]}.zarr").attrs["machine"])["threads"] == 1
     header = (out / "summary.csv").read_text().splitlines()[0].split(",")
     for column in (
         "lambda", "seed", "subset", "degenerate", "test_accuracy", "alignment_median", "alignment_median_ci_low",
-        "robustness_median_ci_high", "robustness_q75", "spearman_alignment_robustness", "attack_failures", "n_images",
+        "robustness_median_ci_high", "robustness_q75", "spearman_alignment_robustness", "attack_failures", "n_images", "machine",
     ):  # fmt: skip
         assert column in header
     for table in ("summary_grid.csv", "summary_trends.csv"):

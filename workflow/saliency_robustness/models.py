@@ -404,6 +404,24 @@ def test_performance(model: nn.Module, ds: Dataset, *, device: torch.device, bat
 
 
 PERFORMANCE = "test_accuracy.json"
+MACHINE = "machine.json"
+
+
+def save_machine(directory: Path | str, record: Mapping[str, Any]) -> None:
+    """Write a model directory's ``machine.json``: what produced the model (``runtime.machine``)."""
+    (Path(directory) / MACHINE).write_text(json.dumps(dict(record), indent=2, sort_keys=True))
+
+
+def read_machine(model_dir: Path | str) -> dict[str, Any]:
+    """The machine a model was trained (or imported) on."""
+    path = Path(model_dir) / MACHINE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot read {path} ({one_line(exc)}); delete {model_dir} and rerun") from None
+    if not isinstance(record, dict):
+        raise StoreError(f"{path} is not a machine record; delete {model_dir} and rerun")
+    return record
 
 
 def save_performance(directory: Path, accuracy: float, majority_class_share: float, images: int, **extra: float) -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
+import platform
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
@@ -62,6 +66,65 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+#: environment variables that change which kernels the math libraries pick
+MATH_ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "DNNL_MAX_CPU_ISA")
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo").read().splitlines():
+            if line.startswith(("model name", "Hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> str:
+    """A digest of the processor's feature flags (two CPUs sold under one name can differ)."""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo").read().splitlines():
+            if line.startswith(("flags", "Features")):
+                return hashlib.sha256(" ".join(sorted(line.split(":", 1)[1].split())).encode()).hexdigest()[:12]
+    return "unknown"
+
+
+def _build_libraries() -> dict[str, str]:
+    """BLAS, LAPACK and oneDNN as torch's build reports them (``torch.__config__.show()``)."""
+    shown = torch.__config__.show()
+    found = {key.lower(): value for key, value in re.findall(r"\b(BLAS_INFO|LAPACK_INFO)=([^,\s]+)", shown)}
+    onednn = re.search(r"(?:oneDNN\)|MKL-DNN) (v[\d.]+)", shown)
+    found["onednn"] = onednn.group(1) if onednn and torch.backends.mkldnn.is_available() else "none"
+    mkl = re.search(r"Math Kernel Library Version ([\w.-]+)", shown)
+    found["mkl"] = mkl.group(1) if mkl else "none"
+    return found
+
+
+def machine(device: torch.device | None = None) -> dict[str, Any]:
+    """What floating-point results depend on besides the code and the config: the processor
+    and the kernels torch picks for it, torch and its build, the math libraries, the thread
+    count and the device. Two runs agree bit for bit only where these agree (README:
+    Reproducibility); ``id`` is a short digest of all of them but the host name."""
+    device = device or torch.device("cpu")
+    record: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_git": torch.version.git_version,
+        "torch_cuda_build": torch.version.cuda or "none",
+        **_build_libraries(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
+        "environment": {name: os.environ[name] for name in MATH_ENVIRONMENT if name in os.environ},
+    }
+    record["id"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+    record["host"] = platform.node()
+    return record
 
 
 def configure_threads(threads: int) -> None:

@@ -20,7 +20,7 @@ from saliency_robustness.data import InputSpace, eval_tensors
 from saliency_robustness.ensemble import NEEDS_STARTING_POINTS, best_adversarials, run_attack
 from saliency_robustness.errors import ConfigError, StoreError
 from saliency_robustness.models import load_model
-from saliency_robustness.runtime import resolve_device
+from saliency_robustness.runtime import machine, resolve_device
 from saliency_robustness.stores import open_store, provenance, write_store
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def attack_stage(
         name=settings["name"],
     )
     result = result.assign_coords(sample=eval_ds["sample"].values)
-    result.attrs.update(provenance(dict(settings), model=Path(model_dir).name, device=str(device)))
+    result.attrs.update(provenance(dict(settings), model=Path(model_dir).name, machine=machine(device)))
     write_store(result, output, chunks={"sample": sample_chunk(images.shape)})
 
 

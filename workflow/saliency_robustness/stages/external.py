@@ -30,11 +30,12 @@ from saliency_robustness.models import (
     load_model,
     load_weights,
     read_state_dict,
+    save_machine,
     save_model,
     save_performance,
     test_performance,
 )
-from saliency_robustness.runtime import eval_mode, resolve_device
+from saliency_robustness.runtime import eval_mode, machine, resolve_device
 from saliency_robustness.stores import atomic_directory, open_store
 from saliency_robustness.zoo import load_robustbench
 
@@ -172,6 +173,7 @@ def external_stage(
     if reason:
         log.warning("%s is degenerate: %s; its statistics are flagged and left out of the trends", name, reason)
     with atomic_directory(output) as tmp:
+        save_machine(tmp, machine(device))
         save_model(model.cpu(), spec, tmp)
         save_performance(tmp, accuracy, majority_share, len(test_set))  # type: ignore[arg-type]
         reloaded = check_logits(load_model(tmp), images, name, spec.num_classes)

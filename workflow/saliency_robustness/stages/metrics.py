@@ -416,7 +416,7 @@ def metrics_stage(
         ds = with_robustness(ds, attack_stores)
     decomposition = {k: v for k, v in ds.attrs.items() if "decomposition" in k}
     ds.attrs = {
-        **stage_attrs(model_dir, eval_ds, "per-image metrics", {"batch_size": batch_size, "class_chunk": class_chunk}),
+        **stage_attrs(model_dir, eval_ds, "per-image metrics", {"batch_size": batch_size, "class_chunk": class_chunk}, device),
         **decomposition,
     }
     write_store(ds, output)

@@ -35,7 +35,7 @@ from scipy.stats import bootstrap, spearmanr
 
 from saliency_robustness.config import EXTERNAL, fingerprint
 from saliency_robustness.errors import ConfigError, StoreError, one_line
-from saliency_robustness.models import ModelSpec, degenerate_reason, load_spec
+from saliency_robustness.models import ModelSpec, degenerate_reason, load_spec, read_machine
 from saliency_robustness.stores import open_store, provenance, write_store
 
 log = logging.getLogger(__name__)
@@ -233,10 +233,12 @@ def stack_models(
     specs: Mapping[str, ModelSpec],
     performance: Mapping[str, tuple[float, float]],
     attributes: Mapping[str, Mapping[str, Any]] | None = None,
+    machines: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> xr.Dataset:
     """Concatenate per-model metrics along a new ``model`` dim, ordered by method, strength and
     seed (external models last, in the given order), with the training options, the grid point,
-    the degenerate flag and the external models' attributes as per-model variables."""
+    the degenerate flag, the machine each model was trained on (``machines``: its
+    ``runtime.machine`` record) and the external models' attributes as per-model variables."""
     order, given = list(METHOD_STRENGTH), list(metrics)
 
     def position(m: str) -> tuple[int, float, int, int]:
@@ -272,9 +274,17 @@ def stack_models(
         p=("model", [specs[m].p for m in names], {"long_name": "power of the gradient norm in the penalty", "units": "1"}),
         seed=("model", [specs[m].seed for m in names], {"long_name": "training seed (replicate)"}),
         setting=("model", [labels[m] for m in names], {"long_name": "grid point: the training setting but the seed"}),
+        machine=(
+            "model",
+            [str((machines or {}).get(m, {}).get("id", "unknown")) for m in names],
+            {"long_name": "id of the machine the model was trained on (the summary's machines attribute describes each)"},
+        ),
     )
     for name, first in metrics[names[0]].data_vars.items():
         stacked[name].attrs = dict(first.attrs)
+    # the set of machines the models were trained on, each described once
+    records = {str(r.get("id", "unknown")): {k: v for k, v in r.items() if k != "id"} for r in (machines or {}).values()}
+    stacked.attrs["machines"] = json.dumps(records, sort_keys=True)
     accuracy, majority = ([performance[m][k] for m in names] for k in (0, 1))
     # the train stage's verdict, from the same whole-test-set numbers its warning used
     reasons = [degenerate_reason(a, share, specs[m].num_classes) or "" for m, a, share in zip(names, accuracy, majority)]
@@ -548,6 +558,7 @@ def model_table(summary: xr.Dataset) -> pd.DataFrame:
                 "strength": float(m["strength"]),
                 "lambda": float(m["lam"]),
                 "seed": int(m["seed"]),
+                "machine": str(m["machine"].values),
                 "sensitivity": str(m["sensitivity"].values),
                 "p": float(m["p"]),
                 "test_accuracy": float(m["test_accuracy"]),
@@ -621,6 +632,7 @@ def summarise(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
         models=[str(m) for m in stacked["model"].values],
         title="all models stacked along model, with per-model, per-grid-point and across-model statistics",
         excluded_degenerate_models=[str(m) for m in stacked["model"].values if str(m) not in healthy_models(stacked)],
+        machines=stacked.attrs["machines"],
     )
     return summary
 
@@ -649,7 +661,8 @@ def summary_stage(
     metrics = {m: open_store(p).load() for m, p in zip(models, metrics_stores)}
     specs = {m: load_spec(d) for m, d in zip(models, model_dirs)}
     performance = {m: read_test_accuracy(d) for m, d in zip(models, model_dirs)}
-    stacked = stack_models(metrics, specs, performance, attributes)
+    machines = {m: read_machine(d) for m, d in zip(models, model_dirs)}
+    stacked = stack_models(metrics, specs, performance, attributes, machines)
     for model, reason in zip(stacked["model"].values, stacked["degenerate_reason"].values):
         if reason:
             log.warning("model %s is degenerate (%s): shown, flagged, left out of the across-model statistics", model, reason)

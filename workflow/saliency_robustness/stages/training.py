@@ -40,11 +40,12 @@ from saliency_robustness.models import (
     build_model,
     degenerate_reason,
     load_initial_weights,
+    save_machine,
     save_model,
     save_performance,
     test_performance,
 )
-from saliency_robustness.runtime import eval_mode, full_precision, progress, resolve_device
+from saliency_robustness.runtime import eval_mode, full_precision, machine, progress, resolve_device
 from saliency_robustness.stores import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -564,6 +565,7 @@ def train_stage(
     if not rows:
         raise PipelineError("training ran no step: check train.epochs and the training set")
     with atomic_directory(output) as tmp:
+        save_machine(tmp, machine(device))
         save_model(model.cpu(), spec, tmp)
         write_log(rows, tmp / "training_log.csv")
         save_performance(tmp, test_accuracy, majority_share, len(test_set), train_seconds=seconds)  # type: ignore[arg-type]
@@ -720,6 +722,7 @@ def train_ensemble_stage(
         if degenerate:
             log.warning("%s is degenerate: %s; its statistics are flagged and left out of the trends", spec.name, degenerate)
         with atomic_directory(output) as tmp:
+            save_machine(tmp, machine(device))
             save_model(model.cpu(), spec, tmp)
             write_log(rows, tmp / "training_log.csv")
             save_performance(tmp, test_accuracy, majority_share, len(test_set), train_seconds=seconds)  # type: ignore[arg-type]
