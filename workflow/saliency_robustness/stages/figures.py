@@ -159,12 +159,15 @@ def _palette(grid: pd.DataFrame) -> dict[str, Any]:
 
 
 def trend_text(summary: xr.Dataset, subset: str, trend: str) -> str:
-    """``Spearman 0.82 [0.55, 0.95] (95 % CI, 14 models)`` for a stored across-model trend."""
+    """``Spearman 0.82 [0.55, 0.95] (95 % rerun interval, 14 models)`` for a stored across-model
+    trend: the interval a retraining with new seeds falls in, or, without replicate seeds, the
+    CI over images alone (``trend_interval``)."""
     t = summary.sel(subset=subset, trend=trend)
     value, low, high = (float(t[v]) for v in ("trend_spearman", "trend_spearman_ci_low", "trend_spearman_ci_high"))
     if not np.isfinite(value):
         return f"{trend}: too few models for a rank correlation"
-    return f"{trend}: Spearman {value:.2f} [{low:.2f}, {high:.2f}] ({_level(summary)} CI, {int(t['trend_points'])} models)"
+    interval = "rerun interval" if str(t["trend_interval"].values) == "rerun" else "CI over images only"
+    return f"{trend}: Spearman {value:.2f} [{low:.2f}, {high:.2f}] ({_level(summary)} {interval}, {int(t['trend_points'])} models)"
 
 
 def footer(fig: plt.Figure, summary: xr.Dataset, subset: str) -> None:

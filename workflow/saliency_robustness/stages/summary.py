@@ -1,14 +1,17 @@
 """All models' per-image metrics stacked along ``model``, and statistics with their uncertainty.
 
-Three levels of statistics, each with a percentile-bootstrap confidence interval
-(``scipy.stats.bootstrap``, seeded, so a rerun gives the same numbers):
+Three levels of statistics, each with an interval at the configured level (seeded, so a
+rerun of the summary gives the same numbers; docs/statistics.md says what each covers and
+how that was measured):
 
-- per model: the median of each quantity over the evaluation images, with its CI;
+- per model: the median of each quantity over the evaluation images, with its percentile
+  bootstrap CI over images;
 - per grid point (every training setting but the seed): the mean over replicate seeds of the
-  per-model medians, with a CI that resamples seeds and images (one image draw for every
-  model: all models are evaluated on the same images);
+  per-model medians, and the gain over the method's smallest strength, each with a Student-t
+  CI over seeds that adds the image-resampling variance (:func:`seed_interval`);
 - across models: Spearman correlations of median alignment with median robustness and of
-  lambda with median robustness (and alignment), resampled the same way.
+  the strength with median robustness (and alignment), with the interval a rerun with new
+  seeds falls in (:func:`rerun_draws`).
 
 Every statistic is given for two image subsets: ``all`` evaluation images and the
 ``correct``-ly classified ones. Within a subset, an image counts only where every summarised
@@ -31,7 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import xarray as xr
-from scipy.stats import bootstrap, spearmanr
+from scipy.stats import bootstrap, rankdata, spearmanr
+from scipy.stats import t as student_t
 
 from saliency_robustness.config import EXTERNAL, fingerprint
 from saliency_robustness.errors import ConfigError, StoreError, one_line
@@ -135,7 +139,10 @@ def hierarchical_bootstrap(
     options: BootstrapOptions,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Point estimate and percentile CI of a statistic of per-model medians, resampling images
-    and seeds.
+    and seeds: the summary's interval before rerun coverage was measured, kept for
+    ``tests/benchmarks/seed_coverage.py``, which compares it with :func:`seed_interval` and
+    :func:`rerun_draws`. With 3 seeds a grid point it treats the seeds as the population and
+    undercovers reruns (docs/statistics.md).
 
     ``values`` is ``model x quantity x image`` (NaN where an image is not in the subset) and
     ``groups`` lists the models (replicate seeds) of each grid point. Each resample draws the
@@ -180,6 +187,93 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     if ok.sum() < 3 or np.all(x[ok] == x[ok][0]) or np.all(y[ok] == y[ok][0]):
         return np.nan
     return float(spearmanr(x[ok], y[ok]).statistic)
+
+
+def _nanmedian(values: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a model with no image of the subset: NaN
+        return np.nanmedian(values, axis=-1)
+
+
+def image_resampled_medians(values: np.ndarray, options: BootstrapOptions) -> tuple[np.ndarray, np.ndarray]:
+    """Per-model medians of ``values`` (``model x quantity x image``, NaN off the subset) over
+    all images, ``model x quantity``, and over ``options.n_resamples`` draws of the images with
+    replacement, ``resample x model x quantity``. Each draw is the same for every model: all
+    models are evaluated on the same images (a paired design)."""
+    rng = options.rng()
+    n = values.shape[-1]
+    draws = [_nanmedian(values[:, :, rng.integers(0, n, n)]) for _ in range(options.n_resamples if n > 1 else 0)]
+    return _nanmedian(values), np.asarray(draws).reshape(len(draws), *values.shape[:2])
+
+
+def seed_interval(
+    estimate: np.ndarray, seed_medians: Sequence[np.ndarray], image_draws: np.ndarray, level: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Student-t interval of a mean over seeds of per-model medians, or of a difference of two
+    such means (the estimate; ``seed_medians`` holds each mean's ``seed x quantity`` medians).
+
+    Its squared standard error adds each mean's seed term ``s^2 / n`` (how much retrained models
+    move: other seeds, another machine) and the variance of the estimate over the image
+    resamples ``image_draws`` (``resample x quantity``: which images were drawn); its degrees of
+    freedom come from the seed terms (Welch-Satterthwaite; the image term counts as known).
+    With 3 seeds the t quantile is 4.3, not the 1.96 a bootstrap over the 3 seeds implies: a
+    percentile bootstrap over so few seeds took them for the population and undercovered
+    reruns (docs/statistics.md). With a single seed in any term no seed spread can be
+    measured, and the interval is the percentile interval of the image resamples alone.
+    """
+    tail = (1 - level) / 2
+    if any(len(m) < 2 for m in seed_medians) or len(image_draws) == 0:
+        if len(image_draws) == 0:
+            return np.full_like(estimate, np.nan), np.full_like(estimate, np.nan)
+        low, high = np.nanquantile(image_draws, [tail, 1 - tail], axis=0)
+        return low, high
+    terms = [np.var(m, axis=0, ddof=1) / len(m) for m in seed_medians]
+    se2 = sum(terms) + np.var(image_draws, axis=0, ddof=1)
+    welch = sum(term**2 / (len(m) - 1) for term, m in zip(terms, seed_medians))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = np.where(welch > 0, se2**2 / welch, np.inf)
+    half = student_t.ppf(1 - tail, df) * np.sqrt(se2)
+    return estimate - half, estimate + half
+
+
+def rerun_draws(columns: np.ndarray, groups: Sequence[Sequence[int]], rng: np.random.Generator) -> np.ndarray | None:
+    """What a rerun with new seeds gives for per-model values, one draw per row of ``columns``
+    (``draw x model x d``; models grouped by grid point, ``groups``: model indices): a posterior
+    predictive draw of a normal model with one mean per grid point and a seed-to-seed
+    covariance pooled over grid points. Each draw takes the covariance from its
+    inverse-Wishart posterior (``N - G`` degrees of freedom), each grid point's mean from a
+    normal around its seeds' mean, then new seeds around that mean. None when the replicates
+    are too few to estimate the covariance (fewer than ``max(d, 2)`` degrees of freedom)."""
+    n_draws, _, d = columns.shape
+    dof = sum(len(g) - 1 for g in groups)
+    if dof < max(d, 2):
+        return None
+    means = {k: columns[:, list(g)].mean(axis=1, keepdims=True) for k, g in enumerate(groups)}
+    residuals = np.concatenate([columns[:, list(g)] - means[k] for k, g in enumerate(groups)], axis=1)
+    scatter = np.einsum("bni,bnj->bij", residuals, residuals)
+    # inverse-Wishart(dof, scatter) as the inverse of a Wishart(dof, scatter^-1) draw; a
+    # direction without spread (a constant column) gets a ridge far below any spread that matters
+    scale = np.trace(scatter, axis1=1, axis2=2)[:, None, None] / d
+    spread = scale[:, 0, 0] > 0
+    ridge = np.where(spread[:, None, None], scale, 1.0) * 1e-12 * np.eye(d)
+    factor = np.linalg.cholesky(np.linalg.inv(scatter + ridge))
+    z = rng.standard_normal((n_draws, dof, d)) @ np.swapaxes(factor, 1, 2)
+    covariance = np.linalg.inv(np.swapaxes(z, 1, 2) @ z)
+    root = np.linalg.cholesky(covariance) * spread[:, None, None]  # no spread at all: the means
+    drawn = np.empty_like(columns)
+    for k, g in enumerate(groups):
+        mean = means[k] + (rng.standard_normal((n_draws, 1, d)) / np.sqrt(len(g))) @ np.swapaxes(root, 1, 2)
+        drawn[:, list(g)] = mean + rng.standard_normal((n_draws, len(g), d)) @ np.swapaxes(root, 1, 2)
+    return drawn
+
+
+def rank_correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's correlation of ``x`` and ``y`` along the last axis (ties get average ranks,
+    as in ``scipy.stats.spearmanr``); NaN where either is constant."""
+    rx, ry = (rankdata(v, axis=-1) for v in (x, y))
+    rx, ry = rx - rx.mean(axis=-1, keepdims=True), ry - ry.mean(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (rx * ry).sum(axis=-1) / np.sqrt((rx**2).sum(axis=-1) * (ry**2).sum(axis=-1))
 
 
 def setting_key(spec: ModelSpec) -> str:
@@ -404,20 +498,11 @@ def _grid_points(stacked: xr.Dataset, healthy: Sequence[str]) -> dict[str, list[
     return points
 
 
-def _mean_of_medians(medians: np.ndarray, picked: list[list[int]]) -> np.ndarray:
-    (seeds,) = picked
-    return medians[seeds].mean(axis=0)
-
-
-def _gain(medians: np.ndarray, picked: list[list[int]]) -> np.ndarray:
-    baseline, point = picked
-    return medians[point].mean(axis=0) - medians[baseline].mean(axis=0)
-
-
 def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
-    """Per grid point and subset: mean over seeds of the per-model medians, with a CI that
-    resamples seeds and images, the spread (standard deviation) of the medians over seeds,
-    and the gain over the first grid point (smallest lambda) with its paired CI."""
+    """Per grid point and subset: mean over seeds of the per-model medians with its CI
+    (:func:`seed_interval`), the spread (standard deviation) of the medians over seeds, and the
+    gain over the method's first grid point (its smallest strength) with its CI, the images
+    paired."""
     healthy = healthy_models(stacked)
     points = _grid_points(stacked, healthy)
     per_point = {str(label): i for i, label in enumerate(stacked["setting"].values)}
@@ -432,32 +517,36 @@ def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datase
     for point, models in points.items():
         if models and METHOD_STRENGTH[method[point]] is not None:  # external models have no baseline
             baselines.setdefault(method[point], models)
+    index = {m: k for k, m in enumerate(healthy)}
     for j, subset in enumerate(SUBSETS):
-        mask = subset_mask(stacked, subset)
+        # one set of image draws for all models of the subset: gains are paired by image
+        medians, draws = image_resampled_medians(_masked(stacked, subset_mask(stacked, subset), healthy), options)
         for i, (point, models) in enumerate(points.items()):
             if not models:
                 continue
-            baseline = baselines.get(method[point], [])
-            if models is not baseline and baseline:
-                pair = _masked(stacked, mask, [*baseline, *models])
-                groups = [range(len(baseline)), range(len(baseline), len(baseline) + len(models))]
-                stats["gain"][i, j], stats["gain_ci_low"][i, j], stats["gain_ci_high"][i, j] = hierarchical_bootstrap(pair, groups, _gain, options)
-            values = _masked(stacked, mask, models)
-            estimate, low, high = hierarchical_bootstrap(values, [range(len(models))], _mean_of_medians, options)
-            stats["mean_median"][i, j], stats["mean_median_ci_low"][i, j], stats["mean_median_ci_high"][i, j] = estimate, low, high
+            rows = [index[m] for m in models]
+            estimate = medians[rows].mean(axis=0)
+            stats["mean_median"][i, j] = estimate
+            low, high = seed_interval(estimate, [medians[rows]], draws[:, rows].mean(axis=1), options.confidence_level)
+            stats["mean_median_ci_low"][i, j], stats["mean_median_ci_high"][i, j] = low, high
             if len(models) > 1:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    stats["seed_sd"][i, j] = np.std(np.nanmedian(values, axis=-1), axis=0, ddof=1)
+                stats["seed_sd"][i, j] = np.std(medians[rows], axis=0, ddof=1)
+            baseline = [index[m] for m in baselines.get(method[point], [])]
+            if models is not baselines.get(method[point]) and baseline:
+                gain = estimate - medians[baseline].mean(axis=0)
+                gain_draws = draws[:, rows].mean(axis=1) - draws[:, baseline].mean(axis=1)
+                low, high = seed_interval(gain, [medians[rows], medians[baseline]], gain_draws, options.confidence_level)
+                stats["gain"][i, j], stats["gain_ci_low"][i, j], stats["gain_ci_high"][i, j] = gain, low, high
     level = f"{options.confidence_level:.0%}"
+    how = "Student-t over seeds plus the image-resampling variance; images only for a single seed"
     long_names = {
         "mean_median": "mean over replicate seeds of the per-model median",
-        "mean_median_ci_low": f"lower end of the {level} CI (seeds and images resampled)",
-        "mean_median_ci_high": f"upper end of the {level} CI (seeds and images resampled)",
+        "mean_median_ci_low": f"lower end of the {level} CI ({how})",
+        "mean_median_ci_high": f"upper end of the {level} CI ({how})",
         "seed_sd": "standard deviation over seeds of the per-model median",
         "gain": "mean median minus that of the method's first grid point (its smallest strength)",
-        "gain_ci_low": f"lower end of the gain's {level} CI (paired images, seeds resampled)",
-        "gain_ci_high": f"upper end of the gain's {level} CI (paired images, seeds resampled)",
+        "gain_ci_low": f"lower end of the gain's {level} CI (Welch over both grid points' seeds, paired images)",
+        "gain_ci_high": f"upper end of the gain's {level} CI (Welch over both grid points' seeds, paired images)",
     }
     ds = xr.Dataset(
         {
@@ -475,53 +564,67 @@ def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datase
     return ds
 
 
-def _trend_statistic(
-    found: Sequence[Trend], summarised: Sequence[str], strength: np.ndarray, method: np.ndarray
-) -> Callable[[np.ndarray, list[list[int]]], np.ndarray]:
-    def statistic(medians: np.ndarray, picked: list[list[int]]) -> np.ndarray:
-        models = np.array([m for seeds in picked for m in seeds])
-
-        def column(name: str, chosen: np.ndarray) -> np.ndarray:
-            return strength[chosen] if name == "strength" else medians[chosen, summarised.index(name)]
-
-        values = []
-        for trend in found:
-            chosen = models if trend.method is None else models[method[models] == trend.method]
-            values.append(_spearman(column(trend.x, chosen), column(trend.y, chosen)))
-        return np.array(values)
-
-    return statistic
-
-
 def trend_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
     """Across non-degenerate models, per subset: Spearman of median alignment with median
-    robustness and of lambda with median robustness (and alignment), one point per model,
-    with CIs that resample images (paired across models) and seeds within grid points."""
+    robustness and of the strength with median robustness (and alignment), one point per
+    model, each with the interval a rerun would fall in (:func:`rerun_draws`, over image
+    resamples paired across models), or, where the grid has too few replicate seeds to
+    measure their spread, the interval over image resamples alone (``trend_interval``)."""
     healthy = healthy_models(stacked)
     points = [models for models in _grid_points(stacked, healthy).values() if models]
     models = [m for group in points for m in group]
     groups, start = [], 0
     for group in points:
-        groups.append(range(start, start + len(group)))
+        groups.append(list(range(start, start + len(group))))
         start += len(group)
     found = trends(stacked)
+    summarised = quantities(stacked)
     strength = stacked["strength"].sel(model=models).values.astype(np.float64) if models else np.array([])
     method = np.array([str(m) for m in stacked["method"].sel(model=models).values] if models else [], dtype=object)
     shape = (len(SUBSETS), len(found))
     estimate, low, high = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+    kind = np.full(shape, "", dtype=object)
     n_models = np.full(len(SUBSETS), len(models), dtype=np.int64)
+    tail = (1 - options.confidence_level) / 2
     for j, subset in enumerate(SUBSETS):
         if len(models) < 3:
             continue
-        values = _masked(stacked, subset_mask(stacked, subset), models)
-        statistic = _trend_statistic(found, quantities(stacked), strength, method)
-        estimate[j], low[j], high[j] = hierarchical_bootstrap(values, groups, statistic, options)
+        medians, draws = image_resampled_medians(_masked(stacked, subset_mask(stacked, subset), models), options)
+        for k, trend in enumerate(found):
+            chosen = np.array([m for m in range(len(models)) if trend.method is None or method[m] == trend.method])
+            position = {m: i for i, m in enumerate(chosen)}
+            trend_groups = [[position[m] for m in g if m in position] for g in groups]
+            trend_groups = [g for g in trend_groups if g]
+            names = [n for n in (trend.x, trend.y) if n != "strength"]
+            columns = [summarised.index(n) for n in names]
+
+            def spearman(values: np.ndarray, trend: Trend = trend, names: list[str] = names, chosen: np.ndarray = chosen) -> np.ndarray:
+                """The trend's correlation over the last-but-one axis of ``... x model x d`` values."""
+                column = {n: values[..., i] for i, n in enumerate(names)}
+                column["strength"] = np.broadcast_to(strength[chosen], values.shape[:-1])
+                return rank_correlation(column[trend.x], column[trend.y])
+
+            estimate[j, k] = _spearman(*(medians[chosen, summarised.index(n)] if n != "strength" else strength[chosen] for n in (trend.x, trend.y)))
+            resampled = draws[:, chosen][:, :, columns]
+            reruns = rerun_draws(resampled, trend_groups, options.rng()) if len(resampled) else None
+            kind[j, k] = "images only" if reruns is None else "rerun"
+            values = spearman(resampled if reruns is None else reruns)
+            if values.size and np.isfinite(estimate[j, k]):
+                low[j, k], high[j, k] = np.nanquantile(values, [tail, 1 - tail])
     level = f"{options.confidence_level:.0%}"
     ds = xr.Dataset(
         {
             "trend_spearman": (("subset", "trend"), estimate, {"long_name": "Spearman rank correlation across models", "units": "1"}),
-            "trend_spearman_ci_low": (("subset", "trend"), low, {"long_name": f"lower end of its {level} CI", "units": "1"}),
-            "trend_spearman_ci_high": (("subset", "trend"), high, {"long_name": f"upper end of its {level} CI", "units": "1"}),
+            "trend_spearman_ci_low": (("subset", "trend"), low, {"long_name": f"lower end of its {level} interval (trend_interval)", "units": "1"}),
+            "trend_spearman_ci_high": (("subset", "trend"), high, {"long_name": f"upper end of its {level} interval (trend_interval)", "units": "1"}),
+            "trend_interval": (
+                ("subset", "trend"),
+                kind,
+                {
+                    "long_name": "what the interval covers: 'rerun', the correlation a retraining with new seeds gives (seed spread "
+                    "pooled over grid points, images resampled); 'images only', too few replicate seeds to measure their spread"
+                },
+            ),
             "trend_n_models": ("subset", n_models, {"long_name": "non-degenerate models in the across-model statistics", "units": "1"}),
             "trend_points": (
                 ("subset", "trend"),
@@ -602,7 +705,7 @@ def grid_table(summary: xr.Dataset) -> pd.DataFrame:
 
 def trend_table(summary: xr.Dataset) -> pd.DataFrame:
     """One row per subset and trend (``summary_trends.csv``)."""
-    frame = summary[["trend_spearman", "trend_spearman_ci_low", "trend_spearman_ci_high"]].to_dataframe().reset_index()
+    frame = summary[["trend_spearman", "trend_spearman_ci_low", "trend_spearman_ci_high", "trend_interval"]].to_dataframe().reset_index()
     frame["n_models"] = [int(summary["trend_points"].sel(subset=s, trend=t)) for s, t in zip(frame["subset"], frame["trend"])]
     frame["excluded_degenerate_models"] = " ".join(json.loads(summary.attrs.get("excluded_degenerate_models", "[]")))
     return frame.rename(columns=lambda c: c.removeprefix("trend_"))
@@ -632,7 +735,7 @@ def summarise(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
         models=[str(m) for m in stacked["model"].values],
         title="all models stacked along model, with per-model, per-grid-point and across-model statistics",
         excluded_degenerate_models=[str(m) for m in stacked["model"].values if str(m) not in healthy_models(stacked)],
-        machines=stacked.attrs["machines"],
+        machines=stacked.attrs.get("machines", "{}"),
     )
     return summary
 
@@ -641,6 +744,20 @@ def _write_csv(frame: pd.DataFrame, path: str | Path) -> None:
     tmp = Path(path).with_suffix(".csv.partial")
     frame.to_csv(tmp, index=False, float_format="%.6g")
     tmp.replace(path)
+
+
+def load_stacked(
+    models: Sequence[str],
+    metrics_stores: Sequence[str | Path],
+    model_dirs: Sequence[str | Path],
+    attributes: Mapping[str, Mapping[str, Any]] | None = None,
+) -> xr.Dataset:
+    """Read the models' metrics stores and model directories and stack them (:func:`stack_models`)."""
+    metrics = {m: open_store(p).load() for m, p in zip(models, metrics_stores)}
+    specs = {m: load_spec(d) for m, d in zip(models, model_dirs)}
+    performance = {m: read_test_accuracy(d) for m, d in zip(models, model_dirs)}
+    machines = {m: read_machine(d) for m, d in zip(models, model_dirs)}
+    return stack_models(metrics, specs, performance, attributes, machines)
 
 
 def summary_stage(
@@ -658,11 +775,7 @@ def summary_stage(
     """Write ``summary.zarr`` and its three tables: per model (``summary.csv``), per grid point
     (``summary_grid.csv``) and across models (``summary_trends.csv``). ``attributes`` are the
     external models' free-form labels, which become per-model coordinates."""
-    metrics = {m: open_store(p).load() for m, p in zip(models, metrics_stores)}
-    specs = {m: load_spec(d) for m, d in zip(models, model_dirs)}
-    performance = {m: read_test_accuracy(d) for m, d in zip(models, model_dirs)}
-    machines = {m: read_machine(d) for m, d in zip(models, model_dirs)}
-    stacked = stack_models(metrics, specs, performance, attributes, machines)
+    stacked = load_stacked(models, metrics_stores, model_dirs, attributes)
     for model, reason in zip(stacked["model"].values, stacked["degenerate_reason"].values):
         if reason:
             log.warning("model %s is degenerate (%s): shown, flagged, left out of the across-model statistics", model, reason)
