@@ -298,3 +298,15 @@ def draw_figure(root: Path, models: list[str], figure: str) -> list[Path]:
     assert outputs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert outputs[1].read_bytes()[:5] == b"%PDF-"
     return outputs
+
+
+def source_attrs(model_dir: Path, eval_store: Path) -> dict[str, str]:
+    """A fake per-model store's ``computed_from`` attribute, as the stages write it (the model
+    directory gets the manifest a real one has)."""
+    import json
+
+    from saliency_robustness.stores import computed_from, write_manifest
+
+    if not (model_dir / "manifest.json").exists():
+        write_manifest(model_dir)
+    return {"computed_from": json.dumps(computed_from(model_dir=model_dir, eval_store=eval_store))}

@@ -100,6 +100,26 @@ def test_a_damaged_store_is_one_line_naming_store_variable_and_fix(store: Path, 
     assert "median" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("where", [0.25, 0.5, 0.75])
+def test_a_flipped_byte_fails_even_a_plain_open_zarr(store: Path, where: float) -> None:
+    """The chunks carry Zstd's frame checksum: xarray.open_zarr, which skips the manifest,
+    refuses altered bytes too, instead of reading a slightly different number."""
+    chunk = chunk_files(store, "alignment")[0]
+    data = bytearray(chunk.read_bytes())
+    data[int(where * len(data))] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="(?i)checksum|zstd|decompress"):
+        xr.open_zarr(store).load()
+
+
+def test_the_package_opens_stores_through_the_checked_opener(store: Path) -> None:
+    import saliency_robustness as sr
+
+    chunk_files(store, "robustness")[0].unlink()  # plain xr.open_zarr would read NaN here
+    with pytest.raises(StoreError, match="variable 'robustness'"):
+        sr.open_store(store)
+
+
 def test_a_damaged_checkpoint_says_what_to_delete(tiny_experiment: dict[str, Path], tmp_path: Path) -> None:
     model_dir = tmp_path / "gradnorm-lambda0-seed0"
     shutil.copytree(tiny_experiment["model_dir"], model_dir)

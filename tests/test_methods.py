@@ -11,7 +11,7 @@ import pytest
 import xarray as xr
 from scipy.stats import spearmanr
 
-from conftest import assert_within, draw_figure, float_tolerance
+from conftest import assert_within, draw_figure, float_tolerance, source_attrs
 from saliency_robustness.config import MODEL_NAME_PATTERN, model_name, validate_config
 from saliency_robustness.data import MNIST_INPUT_SPACE, eval_dataset
 from saliency_robustness.errors import ConfigError
@@ -46,11 +46,12 @@ def fake_metrics(method: str, strength: float, i: int) -> xr.Dataset:
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):  # noqa: ANN001, ANN201
     root = tmp_path_factory.mktemp("mixed")
+    images = np.random.default_rng(0).random((N, 1, 8, 8)).astype(np.float32)
+    eval_store = write_store(eval_dataset(images, np.arange(N) % 10, np.arange(N), MNIST_INPUT_SPACE), root / "eval.zarr")
     models, paths, dirs = [], [], []
     for i, ((method, strength), seed) in enumerate((p, s) for p in GRID for s in SEEDS):
         model = model_name(strength, seed, method)
         models.append(model)
-        write_store(fake_metrics(method, strength, i), root / "metrics" / f"{model}.zarr")
         d = root / "models" / model
         d.mkdir(parents=True)
         lam = strength if method == "gradnorm" else 0.0
@@ -59,6 +60,7 @@ def mixed(tmp_path_factory):  # noqa: ANN001, ANN201
         (d / "spec.json").write_text(spec.to_json())
         (d / "test_accuracy.json").write_text(json.dumps({"test_accuracy": 0.95, "majority_class_share": 0.12}))
         save_machine(d, {"id": "test-machine"})
+        write_store(fake_metrics(method, strength, i).assign_attrs(source_attrs(d, eval_store)), root / "metrics" / f"{model}.zarr")
         paths.append(root / "metrics" / f"{model}.zarr")
         dirs.append(d)
         maps = np.random.default_rng(i).normal(size=(len(ATTRIBUTIONS), N, 1, 8, 8))
@@ -66,7 +68,7 @@ def mixed(tmp_path_factory):  # noqa: ANN001, ANN201
             {"saliency": (("sample", "channel", "y", "x"), maps[0]), "attribution_map": (("attribution", "sample", "channel", "y", "x"), maps)},
             coords={"attribution": ATTRIBUTIONS},
         )
-        write_store(saliency, root / "saliency" / f"{model}.zarr")
+        write_store(saliency.assign_attrs(source_attrs(d, eval_store)), root / "saliency" / f"{model}.zarr")
     order = list(reversed(range(len(models))))  # stacking must sort by method, then strength
     summary_stage(
         models=[models[i] for i in order],
@@ -78,8 +80,6 @@ def mixed(tmp_path_factory):  # noqa: ANN001, ANN201
         output_trends_csv=root / "summary_trends.csv",
         options=OPTIONS,
     )
-    images = np.random.default_rng(0).random((N, 1, 8, 8)).astype(np.float32)
-    write_store(eval_dataset(images, np.arange(N) % 10, np.arange(N), MNIST_INPUT_SPACE), root / "eval.zarr")
     return root, models
 
 

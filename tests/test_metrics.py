@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from saliency_robustness.errors import PipelineError, StoreError
 from saliency_robustness.models import load_model, resnet_small
 from saliency_robustness.stages.metrics import METRICS, compute_metrics, metrics_stage
 from saliency_robustness.stages.saliency import AttributionOptions, saliency_stage
-from saliency_robustness.stores import open_store, write_store
+from saliency_robustness.stores import computed_from, open_store, write_store
 
 SHAPE = (1, 4, 4)
 D = int(np.prod(SHAPE))
@@ -411,7 +412,9 @@ def test_metrics_stage_merges_the_attack_ensembles_robustness(stores: dict[str, 
         if name == "ddn":
             values[3] = np.nan  # DDN found nothing for image 3: FMN's norm is rho there
         norm = xr.DataArray(values, dims="sample", coords={"sample": samples}, attrs={"units": "1", "long_name": "norm"})
-        paths[name] = str(write_store(xr.Dataset({"perturbation_norm": norm}), tmp_path / f"{name}.zarr"))
+        source = computed_from(model_dir=stores["model_dir"], eval_store=stores["eval"], attack=name)
+        attack = xr.Dataset({"perturbation_norm": norm}, attrs={"computed_from": json.dumps(source)})
+        paths[name] = str(write_store(attack, tmp_path / f"{name}.zarr"))
     ds = run_metrics_stage(stores, attack_stores=paths)
     expected = np.linspace(0.1, 1.2, 12)
     expected[3] += 1
@@ -420,6 +423,18 @@ def test_metrics_stage_merges_the_attack_ensembles_robustness(stores: dict[str, 
     assert set(ds["attack_perturbation_norm"].dims) == {"attack", "sample"}
     assert ds["attack_perturbation_norm"].sizes["attack"] == 2
     assert ds["robustness"].attrs["units"] == "input-space L2 distance"
+
+
+def test_metrics_refuse_an_attack_store_of_another_model_or_attack(stores: dict[str, Path], tmp_path: Path) -> None:
+    """An attack store copied from another model (or renamed from another attack) was read as
+    this model's; it is refused in one line naming what it was computed from."""
+    norm = xr.DataArray(np.linspace(0.1, 1.2, 12), dims="sample", coords={"sample": np.arange(12)})
+    source = computed_from(model_dir=stores["model_dir"], eval_store=stores["eval"], attack="ddn")
+    for key, value in (("model", "gradnorm-lambda0-seed0"), ("model_digest", "0" * 32), ("eval_digest", "0" * 32), ("attack", "fmn")):
+        attrs = {"computed_from": json.dumps({**source, key: value})}
+        path = write_store(xr.Dataset({"perturbation_norm": norm}, attrs=attrs), tmp_path / key / "ddn.zarr")
+        with pytest.raises(StoreError, match=f"store {path} was computed from {key} '{value}', not '{source[key] if key != 'attack' else 'ddn'}'"):
+            run_metrics_stage(stores, attack_stores={"ddn": str(path)})
 
 
 def test_every_attribution_maps_alignment_is_measured_against_the_same_image(stores: dict[str, Path], tmp_path: Path) -> None:

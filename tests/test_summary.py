@@ -12,7 +12,7 @@ import torch
 import xarray as xr
 from scipy.stats import spearmanr
 
-from conftest import draw_figure
+from conftest import draw_figure, source_attrs
 from saliency_robustness.config import model_name
 from saliency_robustness.data import MNIST_INPUT_SPACE, eval_dataset
 from saliency_robustness.errors import StoreError
@@ -75,11 +75,12 @@ def name(lam: float, seed: int) -> str:
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):  # noqa: ANN001, ANN201
     root = tmp_path_factory.mktemp("exp")
+    images = torch.rand(N, 1, 8, 8)
+    eval_store = write_store(eval_dataset(images, torch.arange(N) % 10, np.arange(N), MNIST_INPUT_SPACE), root / "eval.zarr")
     models, metrics_paths, model_dirs = [], [], []
     for i, (lam, seed) in enumerate((lam, seed) for lam in LAMBDAS for seed in SEEDS):
         model = name(lam, seed)
         models.append(model)
-        write_store(fake_metrics(lam, i), root / "metrics" / f"{model}.zarr")
         d = root / "models" / model
         d.mkdir(parents=True)
         spec = ModelSpec(name=model, architecture="mnist_cnn", lam=lam, seed=seed, training={"seed": seed, "epochs": 1})
@@ -88,10 +89,11 @@ def experiment(tmp_path_factory):  # noqa: ANN001, ANN201
         share = 0.95 if model == DEGENERATE else 0.12
         (d / "test_accuracy.json").write_text(json.dumps({"test_accuracy": accuracy, "majority_class_share": share}))
         save_machine(d, {"id": f"machine-{'ab'[seed % 2]}", "cpu": f"cpu {'ab'[seed % 2]}"})
+        write_store(fake_metrics(lam, i).assign_attrs(source_attrs(d, eval_store)), root / "metrics" / f"{model}.zarr")
         metrics_paths.append(root / "metrics" / f"{model}.zarr")
         model_dirs.append(d)
         saliency = xr.Dataset({"saliency": (("sample", "channel", "y", "x"), np.random.default_rng(i).normal(size=(N, 1, 8, 8)))})
-        write_store(saliency, root / "saliency" / f"{model}.zarr")
+        write_store(saliency.assign_attrs(source_attrs(d, eval_store)), root / "saliency" / f"{model}.zarr")
     # listed in an order other than lambda's, to check the stacking sorts
     order = [5, 2, 0, 3, 1, 4]
     outputs = {key: root / f"{key}.csv" for key in ("summary", "summary_grid", "summary_trends")}
@@ -105,8 +107,6 @@ def experiment(tmp_path_factory):  # noqa: ANN001, ANN201
         output_trends_csv=outputs["summary_trends"],
         options=OPTIONS,
     )
-    images = torch.rand(N, 1, 8, 8)
-    write_store(eval_dataset(images, torch.arange(N) % 10, np.arange(N), MNIST_INPUT_SPACE), root / "eval.zarr")
     return root, models
 
 

@@ -160,6 +160,22 @@ def test_a_mistyped_data_root_fails_in_one_line_and_loses_nothing(smoke_run, tmp
     assert sorted((results(workdir) / "models").iterdir()) == models  # nothing deleted
 
 
+def test_an_attack_store_copied_from_another_model_is_refused(smoke_run, tmp_path) -> None:  # noqa: ANN001
+    """It used to be read as the other model's: rho came from the wrong model's norms."""
+    workdir, configfile, data_root = smoke_run
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir / "results", copy / "results")
+    first, second = list(model_grid(validate_config(SMOKE)))[:2]
+    attacks = copy / "results" / SMOKE["experiment"] / "attacks"
+    shutil.rmtree(attacks / second / "DDN.zarr")
+    shutil.copytree(attacks / first / "DDN.zarr", attacks / second / "DDN.zarr")
+    result = snakemake(copy, configfile, data_root=data_root)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{second}/DDN.zarr was computed from model '{first}', not '{second}'" in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
 def test_a_misspelled_attack_stops_the_run_before_any_job(smoke_run, tmp_path) -> None:  # noqa: ANN001
     workdir, _, data_root = smoke_run
     ensemble = {**SMOKE["attacks"]["ensemble"], "DDN": {"attack": "DDNAttak"}}

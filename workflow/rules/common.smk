@@ -3,6 +3,7 @@ import re
 import sys
 
 from saliency_robustness.config import (
+    DATASET_CLASSES,
     EXTERNAL,
     MODEL_NAME_PATTERN,
     code_fingerprint,
@@ -28,7 +29,9 @@ try:
     if workflow.is_main_process:  # once per run, not in every job: building attacks imports torch
         from saliency_robustness.ensemble import check_ensemble
 
-        check_ensemble(_validated["attacks"]["ensemble"])
+        # candidates checked against the class count of the built-in datasets (a folder's is
+        # known once the data job has listed it)
+        check_ensemble(_validated["attacks"]["ensemble"], DATASET_CLASSES.get(_validated["dataset"]["kind"]))
 except PipelineError as error:
     sys.exit(f"error: {error}")
 config.clear()

@@ -13,6 +13,7 @@ _LAZY = {
     "compute_metrics": "saliency_robustness.stages.metrics",
     "compute_saliency": "saliency_robustness.stages.saliency",
     "load_model": "saliency_robustness.models",
+    "open_store": "saliency_robustness.stores",
 }
 
 __all__ = ["__version__", *_LAZY]

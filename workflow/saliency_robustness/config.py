@@ -11,6 +11,7 @@ import ast
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -28,6 +29,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # images per split of the built-in datasets: a subset larger than its split is a config error
 SPLIT_SIZES = {"mnist": {"train": 60000, "test": 10000}, "cifar10": {"train": 50000, "test": 10000}}
 DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
+#: class counts of the built-in datasets (an image folder has one class per folder)
+DATASET_CLASSES = {"mnist": 10, "cifar10": 10}
 MNIST_SPLIT_SIZES = SPLIT_SIZES["mnist"]
 SCHEMA_PATH = PACKAGE_DIR.parent / "schemas" / "config.schema.yaml"
 
@@ -71,6 +74,18 @@ def _message(error: jsonschema.ValidationError) -> str:
     return f"config key '{key}': {error.message}"
 
 
+def _non_finite(value: Any, path: str = "") -> tuple[str, float] | None:
+    """The key path and value of the first NaN or infinite number in a config, if any."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, value
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def validate_config(config: Mapping[str, Any], schema_path: Path | str = SCHEMA_PATH) -> dict[str, Any]:
     """Return a validated copy of ``config`` with every default filled in.
 
@@ -83,6 +98,11 @@ def validate_config(config: Mapping[str, Any], schema_path: Path | str = SCHEMA_
         # the most specific error first: deepest path, then schema order
         best = jsonschema.exceptions.best_match(errors)
         raise ConfigError(_message(best))
+    # JSON Schema's bounds let NaN through (every comparison with it is false), and YAML
+    # writes .nan and .inf: no setting of this pipeline means either
+    found = _non_finite(checked)
+    if found is not None:
+        raise ConfigError(f"config key '{found[0]}': {found[1]} is not a finite number")
     kind = checked["dataset"]["kind"]
     if kind in SPLIT_SIZES:
         for key, section, split in (("n_eval", "dataset", "test"), ("n_train", "train", "train")):
@@ -212,8 +232,10 @@ def external_weights_hash(entry: Mapping[str, Any], data_root: str | Path) -> st
     naming the entry and the path."""
     files = external_weight_files(entry, data_root)
     for path in files:
+        what = "RobustBench checkpoint" if "robustbench" in entry else "weights file"
+        if path.is_dir():
+            raise DataError(f"external model {entry['name']!r}: {what} {path} is a directory; name the file in it")
         if not path.is_file():
-            what = "RobustBench checkpoint" if "robustbench" in entry else "weights file"
             raise DataError(f"external model {entry['name']!r}: {what} {path} not found (relative paths are taken from data_root)")
     return content_hash(files)
 

@@ -172,6 +172,8 @@ CIFAR10_PICKLE_GLOBALS = frozenset(
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # a protocol-2 pickle written by Python 3 builds bytes as _codecs.encode(text, "latin1")
+        ("_codecs", "encode"),
     }
 )
 
@@ -289,11 +291,16 @@ IMAGEFOLDER_SPLITS = {"train": "train", "test": "val"}
 
 
 def _load_image(path: str, mode: str) -> Any:
-    """PIL loader converting to ``mode`` (a module-level function so DataLoader workers can pickle it)."""
+    """PIL loader converting to ``mode`` as torchvision does (grayscale, CMYK and palette files
+    included; a module-level function so DataLoader workers can pickle it). A file that does
+    not decode (truncated, empty, not an image) is a :class:`DataError` naming it."""
     from PIL import Image
 
-    with open(path, "rb") as f:
-        return Image.open(f).convert(mode)
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert(mode)
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"image file {path} cannot be decoded ({one_line(exc)}); remove or replace it") from None
 
 
 def imagefolder_transform(dataset: Mapping[str, Any], train: bool) -> Any:

@@ -45,7 +45,7 @@ from torch import nn
 
 from saliency_robustness.data import DISTANCE, InputSpace
 from saliency_robustness.errors import ConfigError, one_line
-from saliency_robustness.foolbox_fixes import ATTACKS
+from saliency_robustness.foolbox_fixes import ATTACKS, KEYWORD_RANGES
 from saliency_robustness.robustness import smallest_verified
 from saliency_robustness.runtime import full_precision, progress, resolve_device
 
@@ -82,13 +82,30 @@ def _check_keywords(name: str, kwargs: Mapping[str, Any]) -> None:
         raise ConfigError(f"{name} needs the optional package numba; pip install 'saliency-robustness[refine]'")
 
 
-def check_ensemble(ensemble: Mapping[str, Mapping[str, Any]]) -> None:
-    """Build every attack of the config's ensemble once, so that an unknown class, a bad
-    keyword or a missing optional package stops the run at start-up, before any job."""
+def check_keyword_values(kwargs: Mapping[str, Any], num_classes: int | None = None) -> None:
+    """Each numeric keyword of :data:`KEYWORD_RANGES` has its type and lies in its range;
+    ``candidates`` is at most the dataset's class count (when known)."""
+    for key, value in kwargs.items():
+        if key not in KEYWORD_RANGES or (value is None and key in ("candidates", "min_stepsize")):
+            continue
+        kind, bound, inclusive = KEYWORD_RANGES[key]
+        if isinstance(value, bool) or not isinstance(value, int if kind is int else int | float):
+            raise ConfigError(f"keyword {key}: {value!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(value) or value < bound or (value == bound and not inclusive):
+            raise ConfigError(f"keyword {key}: {value!r} must be {'at least' if inclusive else 'more than'} {bound:g}")
+    candidates = kwargs.get("candidates")
+    if num_classes is not None and candidates is not None and candidates > num_classes:
+        raise ConfigError(f"keyword candidates: {candidates} is more than the dataset's {num_classes} classes")
+
+
+def check_ensemble(ensemble: Mapping[str, Mapping[str, Any]], num_classes: int | None = None) -> None:
+    """Check every attack of the config's ensemble once, so that an unknown class, a bad
+    keyword or value, or a missing optional package stops the run at start-up, before any job."""
     if not ensemble:
         raise ConfigError("config key 'attacks.ensemble': empty; at least one attack is needed for robustness")
     for name, settings in ensemble.items():
         try:
+            check_keyword_values(settings["kwargs"], num_classes)
             if settings["attack"] in NEEDS_STARTING_POINTS:
                 # its constructor compiles numba code for up to a minute: check the keywords only
                 _check_keywords(settings["attack"], settings["kwargs"])

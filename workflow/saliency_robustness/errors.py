@@ -6,6 +6,14 @@ from __future__ import annotations
 class PipelineError(Exception):
     """A problem with the user's input or environment, stated in one line."""
 
+    def __init__(self, message: str = "") -> None:
+        # raised in a DataLoader worker, it comes back built from the worker's traceback
+        # ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): keep the
+        # traceback's last line, the original message
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
 
 class ConfigError(PipelineError):
     """The configuration does not match the schema."""

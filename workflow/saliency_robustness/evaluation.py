@@ -17,7 +17,7 @@ import xarray as xr
 from torch import nn
 
 from saliency_robustness.runtime import eval_mode, full_precision, machine, progress
-from saliency_robustness.stores import provenance
+from saliency_robustness.stores import computed_from, provenance
 
 IMAGE_DIMS = ("sample", "channel", "y", "x")
 Images = torch.Tensor | np.ndarray | xr.DataArray
@@ -91,11 +91,18 @@ def with_eval_labels(ds: xr.Dataset, eval_ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
-def stage_attrs(model_dir: str | Path, eval_ds: xr.Dataset, title: str, config: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """Provenance of a per-model store (with the machine it was computed on), and the input
-    space it was computed in."""
+def stage_attrs(
+    model_dir: str | Path, eval_store: str | Path, eval_ds: xr.Dataset, title: str, config: Mapping[str, Any], device: torch.device
+) -> dict[str, Any]:
+    """Provenance of a per-model store (what it was computed from, the machine it was computed
+    on), and the input space it was computed in."""
     return {
-        **provenance(config, model=Path(model_dir).name, machine=machine(device)),
+        **provenance(
+            config,
+            model=Path(model_dir).name,
+            machine=machine(device),
+            computed_from=computed_from(model_dir=model_dir, eval_store=eval_store),
+        ),
         "title": f"{title} of model {Path(model_dir).name}",
         "pixel_offset": eval_ds.attrs.get("pixel_offset", [0.0]),
         "pixel_bounds": eval_ds.attrs.get("pixel_bounds", [0.0, 1.0]),

@@ -195,3 +195,26 @@ ATTACKS: dict[str, Any] = {
     "DDNAttack": fb.attacks.DDNAttack,
     "L2BrendelBethgeAttack": fb.attacks.L2BrendelBethgeAttack,
 }
+
+
+#: what the registered attacks' numeric keywords may be: (type, lower bound, whether the bound
+#: itself is allowed). Foolbox checks none of them: ``steps: -5`` runs, succeeds nowhere and
+#: drops the attack from rho silently; ``candidates: 1`` fails at job time.
+KEYWORD_RANGES: dict[str, tuple[type, float, bool]] = {
+    "steps": (int, 1, True),
+    "binary_search_steps": (int, 1, True),
+    "boundary_search_steps": (int, 0, True),
+    "candidates": (int, 2, True),
+    "lr_num_decay": (int, 1, True),
+    "init_epsilon": (float, 0, False),
+    "gamma": (float, 0, False),
+    "max_stepsize": (float, 0, False),
+    "min_stepsize": (float, 0, False),
+    "stepsize": (float, 0, False),
+    "lr": (float, 0, False),
+    "lr_decay": (float, 0, False),
+    "initial_const": (float, 0, False),
+    "overshoot": (float, 0, True),
+    "confidence": (float, 0, True),
+    "momentum": (float, 0, True),
+}

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import xarray as xr
+from zarr.codecs import ZstdCodec
 
 from saliency_robustness.errors import StoreError, one_line
 
@@ -90,13 +91,15 @@ DEFAULT_CHUNKS = {"sample": 256, "model": 1}
 
 
 def chunk_encoding(ds: xr.Dataset, chunks: Mapping[str, int] | None = None) -> dict[str, dict[str, Any]]:
-    """Explicit Zarr chunks per variable: ``chunks[dim]`` along the named dims, whole elsewhere."""
+    """Explicit Zarr chunks per variable (``chunks[dim]`` along the named dims, whole
+    elsewhere), each chunk Zstd-compressed with the frame checksum on: a flipped byte fails
+    the read itself, also through a plain ``xarray.open_zarr`` that skips the manifest."""
     chunks = {**DEFAULT_CHUNKS, **(chunks or {})}
-    encoding = {}
+    encoding: dict[str, dict[str, Any]] = {}
     for name, var in ds.variables.items():
-        if var.ndim == 0:
-            continue
-        encoding[name] = {"chunks": tuple(min(chunks.get(d, n), n) or 1 for d, n in zip(var.dims, var.shape))}
+        encoding[name] = {"compressors": [ZstdCodec(level=0, checksum=True)]}
+        if var.ndim:
+            encoding[name]["chunks"] = tuple(min(chunks.get(d, n), n) or 1 for d, n in zip(var.dims, var.shape))
     return encoding
 
 
@@ -180,8 +183,41 @@ def write_store(ds: xr.Dataset, path: Path | str, chunks: Mapping[str, int] | No
     return final
 
 
-def open_store(path: Path | str, variables: Iterable[str] = ()) -> xr.Dataset:
-    """Open a store lazily; raise :class:`StoreError` naming it if missing, damaged or incomplete.
+def content_digest(directory: Path | str) -> str:
+    """A digest of a store's or model directory's whole content: the hash of its manifest, which
+    lists every file's size and hash."""
+    path = Path(directory) / MANIFEST
+    try:
+        return file_digest(path)
+    except OSError:
+        raise StoreError(f"{directory} has no readable {MANIFEST}; delete it and rerun snakemake") from None
+
+
+def computed_from(*, model_dir: Path | str, eval_store: Path | str, **more: str) -> dict[str, str]:
+    """What a per-model store was computed from: the model (name and content digest), the
+    evaluation store's digest, and ``more`` (e.g. the attack's name). Goes into the store's
+    ``computed_from`` attribute; :func:`open_store` checks it against ``expect``."""
+    return {
+        "model": Path(model_dir).name,
+        "model_digest": content_digest(model_dir),
+        "eval_digest": content_digest(eval_store),
+        **more,
+    }
+
+
+def _check_source(ds: xr.Dataset, path: Path, expect: Mapping[str, str], fix: str) -> None:
+    try:
+        found = json.loads(ds.attrs["computed_from"])
+    except (KeyError, TypeError, ValueError):
+        raise StoreError(f"store {path} does not say what it was computed from (written by an older version?); {fix}") from None
+    for key, value in expect.items():
+        if found.get(key) != value:
+            raise StoreError(f"store {path} was computed from {key} {found.get(key)!r}, not {value!r}; {fix}")
+
+
+def open_store(path: Path | str, variables: Iterable[str] = (), expect: Mapping[str, str] | None = None) -> xr.Dataset:
+    """Open a store lazily; raise :class:`StoreError` naming it if missing, damaged, incomplete,
+    or computed from something else than ``expect`` says (see :func:`computed_from`).
 
     A store is damaged when a file its manifest lists is missing, truncated or altered: one
     line names the store, the variable and the fix (delete the store; the next run rewrites it).
@@ -198,4 +234,6 @@ def open_store(path: Path | str, variables: Iterable[str] = ()) -> xr.Dataset:
     missing = [v for v in variables if v not in ds.variables]
     if missing:
         raise StoreError(f"store {p} lacks variable(s) {', '.join(missing)}; {fix}")
+    if expect:
+        _check_source(ds, p, expect, fix)
     return ds

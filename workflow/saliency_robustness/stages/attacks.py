@@ -18,17 +18,22 @@ import xarray as xr
 
 from saliency_robustness.data import InputSpace, eval_tensors
 from saliency_robustness.ensemble import NEEDS_STARTING_POINTS, best_adversarials, run_attack
-from saliency_robustness.errors import ConfigError, StoreError
+from saliency_robustness.errors import ConfigError, PipelineError, StoreError
 from saliency_robustness.models import load_model
 from saliency_robustness.runtime import machine, resolve_device
-from saliency_robustness.stores import open_store, provenance, write_store
+from saliency_robustness.stores import computed_from, open_store, provenance, write_store
 
 log = logging.getLogger(__name__)
 
 
-def load_attack_stores(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
-    """Attack stores by attack name (the store's file stem, as in ``attacks/<model>/<attack>.zarr``)."""
-    return {Path(p).name.removesuffix(".zarr"): open_store(p, variables=["perturbation_norm", "success"]) for p in paths}
+def load_attack_stores(paths: Sequence[str | Path], source: Mapping[str, str] | None = None) -> dict[str, xr.Dataset]:
+    """Attack stores by attack name (the store's file stem, as in ``attacks/<model>/<attack>.zarr``),
+    each computed from ``source`` (:func:`stores.computed_from`) by the attack it is named for."""
+    stores = {}
+    for p in paths:
+        name = Path(p).name.removesuffix(".zarr")
+        stores[name] = open_store(p, variables=["perturbation_norm", "success"], expect={**(source or {}), "attack": name})
+    return stores
 
 
 def attack_stage(
@@ -52,7 +57,8 @@ def attack_stage(
     space = InputSpace.from_attrs(eval_ds.attrs)
     starting_points = None
     if settings["refine"]:
-        starts, start_norms = best_adversarials(load_attack_stores(start_stores))
+        source = computed_from(model_dir=model_dir, eval_store=eval_store)
+        starts, start_norms = best_adversarials(load_attack_stores(start_stores, source))
         if starts.shape != tuple(images.shape):
             raise StoreError(f"starting points of shape {starts.shape} do not match the {tuple(images.shape)} evaluation images")
         starting_points = torch.from_numpy(starts)
@@ -86,8 +92,22 @@ def attack_stage(
         store_adversarials=settings["store_adversarials"],
         name=settings["name"],
     )
+    if len(images) and not bool(result["success"].any()):
+        # a minimum-norm attack moves nearly every image; one that verifies none would drop out
+        # of rho without a trace
+        raise PipelineError(
+            f"attack {settings['name']} ({settings['attack']}) verified no adversarial on any of the {len(images)} evaluation images "
+            f"of model {Path(model_dir).name}: with these settings it adds nothing to rho; fix config key 'attacks.ensemble.{settings['name']}'"
+        )
     result = result.assign_coords(sample=eval_ds["sample"].values)
-    result.attrs.update(provenance(dict(settings), model=Path(model_dir).name, machine=machine(device)))
+    result.attrs.update(
+        provenance(
+            dict(settings),
+            model=Path(model_dir).name,
+            machine=machine(device),
+            computed_from=computed_from(model_dir=model_dir, eval_store=eval_store, attack=settings["name"]),
+        )
+    )
     write_store(result, output, chunks={"sample": sample_chunk(images.shape)})
 
 

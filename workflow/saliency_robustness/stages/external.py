@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from saliency_robustness.config import EXTERNAL, external_weights_hash, resolve_path
+from saliency_robustness.config import DATASET_CLASSES, EXTERNAL, external_weights_hash, resolve_path
 from saliency_robustness.data import InputSpace, open_split
 from saliency_robustness.errors import PipelineError, one_line
 from saliency_robustness.models import (
@@ -41,8 +41,8 @@ from saliency_robustness.zoo import load_robustbench
 
 log = logging.getLogger(__name__)
 
-# logits computed on this many evaluation images to check the model before it is written
-CHECK_IMAGES = 8
+# the logits of every evaluation image are checked before the model is written, this many at a time
+CHECK_BATCH = 100
 
 
 class ExternalModelError(PipelineError):
@@ -116,20 +116,21 @@ def load_network(entry: Mapping[str, Any], spec: ModelSpec, data_root: str | Pat
 
 
 @torch.no_grad()
-def check_logits(model: nn.Module, images: torch.Tensor, name: str, num_classes: int | None) -> torch.Tensor:
-    """The model's logits on ``images``: one row per image, at least 2 classes, finite, and
-    ``num_classes`` wide when the entry says so."""
+def check_logits(model: nn.Module, images: torch.Tensor, name: str, num_classes: int | None, batch_size: int = CHECK_BATCH) -> torch.Tensor:
+    """The model's logits on every one of ``images`` (in batches): one row per image, at least
+    2 classes, finite, and ``num_classes`` wide when the entry says so."""
     with eval_mode(model):
         try:
-            logits = model(images)
+            logits = torch.cat([model(batch) for batch in images.split(batch_size)])
         except Exception as exc:  # shape errors of many types
             raise ExternalModelError(name, f"fails on the evaluation images of shape {tuple(images.shape[1:])}: {one_line(exc)}") from None
     if logits.ndim != 2 or logits.shape[0] != len(images) or logits.shape[1] < 2:
         raise ExternalModelError(name, f"returns shape {tuple(logits.shape)} for {len(images)} images; expected (images, classes >= 2)")
     if num_classes is not None and logits.shape[1] != num_classes:
         raise ExternalModelError(name, f"returns {logits.shape[1]} logits, but num_classes is {num_classes}")
-    if not torch.isfinite(logits).all():
-        raise ExternalModelError(name, "returns non-finite logits on the evaluation images")
+    bad = (~torch.isfinite(logits)).any(dim=1).nonzero().flatten()
+    if len(bad):
+        raise ExternalModelError(name, f"returns non-finite logits on {len(bad)} of {len(images)} evaluation images (first: sample {int(bad[0])})")
     return logits
 
 
@@ -146,12 +147,12 @@ def external_stage(
     item): its checked weights, spec and whole-test-split accuracy, atomically."""
     name = entry["name"]
     eval_ds = open_store(eval_store, ["images"])
-    images = torch.from_numpy(eval_ds["images"].values[:CHECK_IMAGES]).float()
+    images = torch.from_numpy(eval_ds["images"].values).float()
     space = InputSpace.from_attrs(eval_ds.attrs)
     names = eval_ds.attrs.get("class_names")
+    classes = len(names) if names else DATASET_CLASSES[dataset["kind"]]
     declared = entry.get("num_classes")
-    default_classes = declared or (len(names) if names else 10)
-    spec = external_spec(entry, images.shape, input_adapter(entry, space, images.shape[1]), default_classes)
+    spec = external_spec(entry, images.shape, input_adapter(entry, space, images.shape[1]), declared or classes)
     read_hash = external_weights_hash(entry, data_root)
     if read_hash != weights_sha256:
         raise ExternalModelError(name, "its weights file changed while the workflow ran; run snakemake again")
@@ -161,8 +162,8 @@ def external_stage(
     logits = check_logits(model, images, name, declared)
     spec.num_classes = int(logits.shape[1])
     spec.weights_sha256 = read_hash
-    if names and len(names) != spec.num_classes:
-        raise ExternalModelError(name, f"returns {spec.num_classes} logits, but the dataset has {len(names)} classes")
+    if spec.num_classes != classes:
+        raise ExternalModelError(name, f"returns {spec.num_classes} logits, but the dataset has {classes} classes")
     device = resolve_device()
     test_set, _ = open_split(dataset, data_root, "test")
     if len(test_set) == 0:  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ import xarray as xr
 
 from saliency_robustness.config import EXTERNAL
 from saliency_robustness.errors import PipelineError, one_line
-from saliency_robustness.stores import open_store
+from saliency_robustness.stores import content_digest, open_store
 
 log = logging.getLogger(__name__)
 
@@ -567,7 +567,9 @@ def figure_stage(
     summary = open_store(summary_store).load()
     inputs = FigureInputs(summary, options)
     if figure == "saliency_gallery":
-        stores = {Path(p).name.removesuffix(".zarr"): open_store(p, ["saliency"]) for p in saliency_stores}
+        names = [Path(p).name.removesuffix(".zarr") for p in saliency_stores]
+        expect = {"eval_digest": content_digest(eval_store)}
+        stores = {name: open_store(p, ["saliency"], expect={**expect, "model": name}) for name, p in zip(names, saliency_stores)}
         inputs = FigureInputs(summary, options, open_store(eval_store, ["images", "label"]), stores)
     if figure not in figures_for(inputs.methods):
         raise PipelineError(f"figure {figure} is drawn against lambda, and {summary_store} has no gradnorm model")

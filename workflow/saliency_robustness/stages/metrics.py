@@ -44,7 +44,7 @@ from saliency_robustness.evaluation import (
 from saliency_robustness.models import PerChannelScale, PerChannelShift, load_model
 from saliency_robustness.robustness import combine_attacks
 from saliency_robustness.runtime import resolve_device
-from saliency_robustness.stores import open_store, write_store
+from saliency_robustness.stores import computed_from, open_store, write_store
 
 log = logging.getLogger(__name__)
 
@@ -369,9 +369,10 @@ def with_attribution_alignment(ds: xr.Dataset, images: np.ndarray, saliency: xr.
     return ds
 
 
-def with_robustness(ds: xr.Dataset, attack_stores: Mapping[str, str | Path]) -> xr.Dataset:
-    """Merge in the attack ensemble's ``robustness`` (docs/spec.md §4)."""
-    attacks = {name: open_store(path, ["perturbation_norm"]) for name, path in attack_stores.items()}
+def with_robustness(ds: xr.Dataset, attack_stores: Mapping[str, str | Path], source: Mapping[str, str] | None = None) -> xr.Dataset:
+    """Merge in the attack ensemble's ``robustness`` (docs/spec.md §4); each attack store must
+    have been computed from ``source`` (:func:`stores.computed_from`) by the attack it is named for."""
+    attacks = {name: open_store(path, ["perturbation_norm"], expect={**(source or {}), "attack": name}) for name, path in attack_stores.items()}
     robustness = combine_attacks(attacks)
     try:
         return xr.merge([ds, robustness], join="exact", combine_attrs="override", compat="override")
@@ -392,7 +393,8 @@ def metrics_stage(
     """Write ``metrics/<model>.zarr``: every quantity of docs/spec.md §2 per evaluation image, ``label`` and
     ``correct``, with ``robustness`` when attack stores are given."""
     eval_ds = open_store(eval_store, ["images", "label"])
-    saliency = open_store(saliency_store, ["prediction", "logits", "attribution_map"])
+    source = computed_from(model_dir=model_dir, eval_store=eval_store)
+    saliency = open_store(saliency_store, ["prediction", "logits", "attribution_map"], expect=source)
     device = resolve_device()
     model = load_model(model_dir, device)
     log.info(
@@ -413,10 +415,10 @@ def metrics_stage(
         attrs={"long_name": "prediction equals the true label", "units": "1"},
     )
     if attack_stores:
-        ds = with_robustness(ds, attack_stores)
+        ds = with_robustness(ds, attack_stores, source)
     decomposition = {k: v for k, v in ds.attrs.items() if "decomposition" in k}
     ds.attrs = {
-        **stage_attrs(model_dir, eval_ds, "per-image metrics", {"batch_size": batch_size, "class_chunk": class_chunk}, device),
+        **stage_attrs(model_dir, eval_store, eval_ds, "per-image metrics", {"batch_size": batch_size, "class_chunk": class_chunk}, device),
         **decomposition,
     }
     write_store(ds, output)

@@ -213,5 +213,6 @@ def saliency_stage(
     space = InputSpace.from_attrs(eval_ds.attrs)
     ds = compute_saliency(model, eval_ds["images"].values, batch_size=batch_size, device=device, attributions=attributions, space=space)
     ds = with_eval_labels(ds, eval_ds)
-    ds.attrs = stage_attrs(model_dir, eval_ds, "saliency maps", {"batch_size": batch_size, "attributions": attributions.as_config()}, device)
+    config = {"batch_size": batch_size, "attributions": attributions.as_config()}
+    ds.attrs = stage_attrs(model_dir, eval_store, eval_ds, "saliency maps", config, device)
     write_store(ds, output)

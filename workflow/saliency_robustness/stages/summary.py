@@ -40,7 +40,7 @@ from scipy.stats import t as student_t
 from saliency_robustness.config import EXTERNAL, fingerprint
 from saliency_robustness.errors import ConfigError, StoreError, one_line
 from saliency_robustness.models import ModelSpec, degenerate_reason, load_spec, read_machine
-from saliency_robustness.stores import open_store, provenance, write_store
+from saliency_robustness.stores import content_digest, open_store, provenance, write_store
 
 log = logging.getLogger(__name__)
 
@@ -753,7 +753,7 @@ def load_stacked(
     attributes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> xr.Dataset:
     """Read the models' metrics stores and model directories and stack them (:func:`stack_models`)."""
-    metrics = {m: open_store(p).load() for m, p in zip(models, metrics_stores)}
+    metrics = {m: open_store(p, expect={"model": m, "model_digest": content_digest(d)}).load() for m, p, d in zip(models, metrics_stores, model_dirs)}
     specs = {m: load_spec(d) for m, d in zip(models, model_dirs)}
     performance = {m: read_test_accuracy(d) for m, d in zip(models, model_dirs)}
     machines = {m: read_machine(d) for m, d in zip(models, model_dirs)}
