@@ -604,7 +604,13 @@ def trend_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
                 column["strength"] = np.broadcast_to(strength[chosen], values.shape[:-1])
                 return rank_correlation(column[trend.x], column[trend.y])
 
-            estimate[j, k] = _spearman(*(medians[chosen, summarised.index(n)] if n != "strength" else strength[chosen] for n in (trend.x, trend.y)))
+            observed = medians[np.ix_(chosen, columns)]
+            if np.isfinite(observed).all():
+                # the draws' arithmetic: an estimate at the largest value that ties allow is not an ulp outside its interval
+                estimate[j, k] = float(spearman(observed))
+            else:  # a model without images in the subset: left out
+                column = {n: medians[chosen, summarised.index(n)] for n in names} | {"strength": strength[chosen]}
+                estimate[j, k] = _spearman(column[trend.x], column[trend.y])
             resampled = draws[:, chosen][:, :, columns]
             reruns = rerun_draws(resampled, trend_groups, options.rng()) if len(resampled) else None
             kind[j, k] = "images only" if reruns is None else "rerun"
