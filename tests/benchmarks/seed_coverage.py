@@ -117,10 +117,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     for seeds, ds in current.items():
         points = ds["grid_point"].values
-        picks = [("grid_mean_median", {"grid_point": p, "subset": "all", "quantity": q}, f"{q} {p}") for q in args.quantities for p in points]
-        picks += [("trend_spearman", {"trend": t, "subset": "all"}, str(t)) for t in ds["trend"].values]
-        for variable, at, what in picks:
-            row = {"seeds": seeds, "what": what, "estimate": float(ds[variable].sel(at))}
+        picks = [("grid_mean_median", {"grid_point": p, "quantity": q}, f"{q} {p}") for q in args.quantities for p in points]
+        picks += [("trend_spearman", {"trend": t}, str(t)) for t in ds["trend"].values]
+        for (variable, at, what), subset in itertools.product(picks, SUBSETS):
+            at = {**at, "subset": subset}
+            row = {"seeds": seeds, "subset": subset, "what": what, "estimate": float(ds[variable].sel(at))}
             for name, intervals in (("t", current), ("bootstrap", former)):
                 row |= {f"{name}_{end}": float(intervals[seeds][f"{variable}_ci_{end}"].sel(at)) for end in ("low", "high")}
             rows.append(row)
