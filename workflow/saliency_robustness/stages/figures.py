@@ -2,8 +2,8 @@
 
 Every statistic drawn is read from the summary store (medians with bootstrap CIs per model,
 means over seeds per grid point, Spearman trends across models), never recomputed here.
-Per-model points carry their 95 % CIs; grid points (the same training setting, several
-seeds) are drawn as large diamonds with the CI of the mean over seeds. Degenerate models are
+Per-model points carry their CIs at the configured level; grid points (the same training
+setting, several seeds) are drawn as large diamonds with the CI of the mean over seeds. Degenerate models are
 drawn as crosses and left out of lines and trends. Each figure's footer names the image
 subset, the image counts and the attack failures. Every figure is saved as PNG and PDF.
 """
@@ -179,7 +179,7 @@ def footer(fig: plt.Figure, summary: xr.Dataset, subset: str) -> None:
     text = (
         f"{'all evaluation images' if subset == 'all' else 'correctly classified images'}: {counts} per model "
         f"(every quantity finite); attack failures (ρ = NaN, left out): {failures} in all. "
-        f"Bars: {_level(summary)} bootstrap CIs."
+        f"Bars: {_level(summary)} CIs (a model: bootstrap over images; a grid point: Student-t over seeds plus images)."
     )
     if excluded:
         text += f" Degenerate (×, left out of means and trends): {', '.join(excluded)}."
