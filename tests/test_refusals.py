@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from conftest import REPO
 from saliency_robustness.config import external_weights_hash, validate_config
 from saliency_robustness.data import MNIST_INPUT_SPACE, eval_dataset, open_split
-from saliency_robustness.errors import DataError, PipelineError
+from saliency_robustness.errors import ConfigError, DataError, PipelineError
 from saliency_robustness.models import ModelSpec, build_model, save_model
 from saliency_robustness.stages.attacks import attack_stage
 from saliency_robustness.stages.external import external_stage
@@ -166,6 +166,10 @@ def test_an_attack_that_verifies_no_image_is_an_error_not_a_silent_drop(tmp_path
     with pytest.raises(PipelineError, match=r"attack DDN \(DDNAttack\) verified no adversarial on any of the 6 evaluation images"):
         attack_stage(model_dir=model_dir, eval_store=eval_store, output=output, settings=settings)
     assert not output.exists()
+    # candidates against the model's class count, for datasets the start-up check cannot count (folders)
+    deepfool = {**settings, "name": "DeepFool", "attack": "L2DeepFoolAttack", "kwargs": {"steps": 5, "candidates": 11}}
+    with pytest.raises(ConfigError, match=r"^config key 'attacks.ensemble.DeepFool': keyword candidates: 11 is more than the dataset's 10 classes$"):
+        attack_stage(model_dir=model_dir, eval_store=eval_store, output=output, settings=deepfool)
 
 
 # --- image files that do not decode ------------------------------------------------------

@@ -17,9 +17,9 @@ import torch
 import xarray as xr
 
 from saliency_robustness.data import InputSpace, eval_tensors
-from saliency_robustness.ensemble import NEEDS_STARTING_POINTS, best_adversarials, run_attack
+from saliency_robustness.ensemble import NEEDS_STARTING_POINTS, best_adversarials, check_keyword_values, run_attack
 from saliency_robustness.errors import ConfigError, PipelineError, StoreError
-from saliency_robustness.models import load_model
+from saliency_robustness.models import load_model, load_spec
 from saliency_robustness.runtime import machine, resolve_device
 from saliency_robustness.stores import computed_from, open_store, provenance, write_store
 
@@ -51,6 +51,10 @@ def attack_stage(
     verified adversarial of the stores in ``start_stores``.
     """
     device = resolve_device()
+    try:  # the start-up check knows the built-in datasets' class counts; a folder's is the model's
+        check_keyword_values(settings["kwargs"], load_spec(model_dir).num_classes)
+    except ConfigError as exc:
+        raise ConfigError(f"config key 'attacks.ensemble.{settings['name']}': {exc}") from None
     model = load_model(model_dir, device)
     eval_ds = open_store(eval_store, variables=["images"])
     images, _ = eval_tensors(eval_ds)
