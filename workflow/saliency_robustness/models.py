@@ -166,6 +166,80 @@ def resnet_small(
     return _torchvision_resnet(BasicBlock, blocks, in_channels=in_channels, num_classes=num_classes, input_std=input_std, **options)
 
 
+class PreActBlock(nn.Module):
+    """A pre-activation basic block (He et al. 2016): BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus the
+    identity, or a bias-free 1x1 convolution of the pre-activated input where the shape changes."""
+
+    def __init__(self, in_width: int, width: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_width)
+        self.conv1 = nn.Conv2d(in_width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=1, padding=1, bias=False)
+        self.shortcut = nn.Conv2d(in_width, width, 1, stride=stride, bias=False) if stride != 1 or in_width != width else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(torch.relu(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet(nn.Module):
+    """A pre-activation ResNet for small images: a 3x3 stride-1 stem (no 7x7 stride-2 stem and
+    no max-pool, which would leave a 32x32 image 8x8 after the first layer), one stage per
+    width (the first at full resolution, each later one halving it), a final BN-ReLU, global
+    average pooling and a dense layer. Every layer is linear or ReLU up to its bias, and batch
+    norm in eval mode is the affine map ``gamma (h - mu) / sigma + beta``: its shift
+    ``beta - gamma mu / sigma`` is a bias of the homogeneous decomposition (docs/spec.md §2)."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int], blocks: Sequence[int]) -> None:
+        super().__init__()
+        if len(widths) != len(blocks) or not widths:
+            raise ConfigError(f"model.options widths {list(widths)} and blocks {list(blocks)} need one entry per stage")
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        layers: list[nn.Module] = []
+        in_width = widths[0]
+        for stage, (width, count) in enumerate(zip(widths, blocks, strict=True)):
+            for block in range(count):
+                layers.append(PreActBlock(in_width, width, stride=2 if stage > 0 and block == 0 else 1))
+                in_width = width
+        self.stages = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(in_width)
+        self.fc = nn.Linear(in_width, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn(self.stages(self.stem(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
+
+
+# CIFAR-10's per-channel pixel std (the JPEG copy's, within 0.002 of the binary release's)
+CIFAR10_STD = (0.242, 0.241, 0.257)
+
+
+@register("preact_resnet")
+def preact_resnet(
+    *,
+    in_channels: int = 3,
+    num_classes: int = 10,
+    image_size: int = 32,
+    widths: Sequence[int] = (16, 32, 64),
+    blocks: Sequence[int] = (1, 1, 1),
+    input_std: Sequence[float] = CIFAR10_STD,
+) -> nn.Module:
+    """A CIFAR-style pre-activation ResNet (:class:`PreActResNet`, 3x3 stem) on the centered
+    image, the std division its bias-free first layer (any ``image_size``: it pools adaptively).
+    The defaults (widths 16-32-64, one block per stage: 8 conv layers) were chosen from
+    measured training throughput on a 2-core CPU (tests/benchmarks/bench_training.py)."""
+    if len(input_std) != in_channels:
+        raise ConfigError(f"model.options.input_std has {len(input_std)} entries for {in_channels} input channels")
+    return CenteredInputModel(PreActResNet(in_channels, num_classes, widths, blocks), input_std)
+
+
 @dataclass
 class ModelSpec:
     """Everything needed to rebuild a trained model and to say how it was trained."""
