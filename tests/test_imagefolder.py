@@ -19,7 +19,16 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from conftest import REPO, assert_within, decomposition_tolerance, float_tolerance, linearized_robustness_tolerance, logit_operands, reduction_terms
+from conftest import (
+    DATA_ROOT,
+    REPO,
+    assert_within,
+    decomposition_tolerance,
+    float_tolerance,
+    linearized_robustness_tolerance,
+    logit_operands,
+    reduction_terms,
+)
 from saliency_robustness.config import model_grid, validate_config
 from saliency_robustness.data import InputSpace, build_eval_dataset, open_split
 from saliency_robustness.errors import ConfigError, DataError
@@ -151,13 +160,99 @@ def test_train_and_val_with_different_classes_are_rejected(tmp_path: Path) -> No
         open_split({**imagefolder_config()["dataset"], "path": "f"}, tmp_path, "test")
 
 
+def test_decoding_once_gives_the_evaluation_images_of_decoding_per_epoch(folder_root: Path) -> None:
+    dataset = imagefolder_config()["dataset"]
+    per_epoch = build_eval_dataset(dataset, folder_root)
+    once = build_eval_dataset({**dataset, "decode": "once"}, folder_root)
+    # the same files, the same center crop (of a 40x48 image: at (4, 8), through the 40x40 square at (0, 4)), the
+    # same float32 division and subtraction
+    xr.testing.assert_identical(per_epoch, once)
+
+
+def test_decoding_once_reads_each_file_once_and_only_the_files_used(folder_root: Path, monkeypatch) -> None:  # noqa: ANN001
+    from saliency_robustness import data as data_module
+
+    reads: list[str] = []
+    load = data_module._load_image
+    monkeypatch.setattr(data_module, "_load_image", lambda path, mode: (reads.append(path), load(path, mode))[1])
+    train, _ = open_split({**imagefolder_config()["dataset"], "decode": "once"}, folder_root, "train")
+    assert reads == []  # nothing is decoded before it is used
+    subset = torch.utils.data.Subset(train, [3, 7, 11])
+    for _ in range(3):  # three epochs
+        list(torch.utils.data.DataLoader(subset, batch_size=2, shuffle=True))
+    assert sorted(reads) == sorted(train.samples[i][0] for i in (3, 7, 11))
+
+
+def test_decoded_training_images_are_padded_random_crops_and_flips(tmp_path: Path) -> None:
+    """CIFAR-style augmentation: a 32x32 crop of the 32x32 image zero-padded by 4 (in pixels,
+    before centering), flipped half the time."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for name in CLASSES:
+            (tmp_path / "f" / split / name).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)).save(tmp_path / "f" / split / name / "0.png")
+    dataset = {**imagefolder_config()["dataset"], "path": "f", "resize_size": 32, "image_size": 32, "crop_padding": 4, "decode": "once"}
+    train, _ = open_split(dataset, tmp_path, "train")
+    path, _ = train.samples[0]
+    pixels = torch.from_numpy(np.asarray(Image.open(path), dtype=np.float32).transpose(2, 0, 1) / 255.0)
+    windows = torch.nn.functional.pad(pixels, [4] * 4).unfold(1, 32, 1).unfold(2, 32, 1)  # (3, 9, 9, 32, 32)
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(40):
+        x, label = train[0]
+        assert label == 0 and x.shape == (3, 32, 32)
+        image = x + torch.tensor(MEAN).view(3, 1, 1)
+        matches = [
+            (flipped, *np.unravel_index(int(d.argmin()), d.shape))
+            for flipped in (False, True)
+            for d in [(windows - (image.flip(-1) if flipped else image)[:, None, None]).abs().amax(dim=(0, 3, 4))]
+            if float(d.min()) <= float_tolerance(torch.float32, 1.0, max(MEAN), terms=3)  # pixel / 255 - mean + mean
+        ]
+        assert matches, "a training image is no crop of the padded image, flipped or not"
+        seen.add(matches[0])
+    assert {flipped for flipped, _, _ in seen} == {False, True}
+    assert len({(top, left) for _, top, left in seen}) > 10  # of the 81 offsets
+    assert any(top in (0, 8) or left in (0, 8) for _, top, left in seen)  # the padding is used
+    evaluation, _ = open_split(dataset, tmp_path, "test")  # no padding, no crop, no flip
+    assert_within(
+        evaluation[0][0] + torch.tensor(MEAN).view(3, 1, 1),
+        torch.from_numpy(np.asarray(Image.open(evaluation.samples[0][0]), dtype=np.float32).transpose(2, 0, 1) / 255.0),
+        1e-6,
+    )
+
+
+CIFAR10_JPEG = DATA_ROOT / "cifar10-jpeg"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def test_real_cifar10_jpeg_files_read_as_the_cifar10_config_reads_them() -> None:
+    if not (CIFAR10_JPEG / "val" / "airplane").is_dir():
+        pytest.skip(f"no CIFAR-10 JPEG folder under {DATA_ROOT} (cifar10-jpeg/val/<class>/; set SALIENCY_ROBUSTNESS_DATA_ROOT)")
+    from saliency_robustness.config import load_config
+
+    config = load_config(REPO / "config" / "cifar10.yaml", {"data_root": str(DATA_ROOT)})
+    test, space = open_split(config["dataset"], DATA_ROOT, "test")
+    assert test.classes == CIFAR10_CLASSES  # torchvision's CIFAR-10 indices, airplane = 0 ... truck = 9
+    assert len(test) == 10_000
+    mean = torch.tensor(config["dataset"]["mean"]).view(3, 1, 1)
+    for index in (0, 4321, 9999):  # a few real files, against PIL's own decoding
+        path, label = test.samples[index]
+        image, read_label = test[index]
+        assert read_label == label == CIFAR10_CLASSES.index(Path(path).parent.name)
+        expected = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0)
+        assert expected.shape == (3, 32, 32)
+        assert_within(image + mean, expected, 1e-6)
+    assert space.pixel_offset == tuple(config["dataset"]["mean"])
+    # the configured mean is the set's (README of the data: about 0.488, 0.481, 0.446), to a few thousandths
+    sample = torch.stack([test[i][0] for i in range(0, 10_000, 50)]) + mean
+    torch.testing.assert_close(sample.mean(dim=(0, 2, 3)), mean.flatten(), rtol=0, atol=0.02)
+
+
 # --- models -----------------------------------------------------------------------------
 
 
 def resnet_spec(architecture: str = "resnet_small", weights: str | None = None, num_classes: int = 3, seed: int = 0) -> ModelSpec:
-    return ModelSpec(
-        name="m", architecture=architecture, lam=0.0, seed=seed, num_classes=num_classes, in_channels=3, image_size=32, weights=weights
-    )
+    return ModelSpec(name="m", architecture=architecture, lam=0.0, seed=seed, num_classes=num_classes, in_channels=3, image_size=32, weights=weights)
 
 
 @pytest.mark.parametrize("architecture", ["resnet_small", "resnet50"])
@@ -176,12 +271,14 @@ def test_resnet_on_centered_input_is_torchvision_resnet_on_normalized_pixels(arc
     assert [name for name, _ in model.input_scale.named_buffers()] == ["scale"]
 
 
-def test_resnet_logits_split_exactly_into_homogeneous_part_and_bias_sum() -> None:
+@pytest.mark.parametrize("architecture", ["resnet_small", "preact_resnet"])
+def test_resnet_logits_split_exactly_into_homogeneous_part_and_bias_sum(architecture: str) -> None:
     """The std layer adds no bias: docs/spec.md §2's decomposition holds for the whole model, with
-    batch-norm statistics that are not the identity."""
+    batch-norm statistics that are not the identity (eval-mode batch norm is affine: its shift
+    beta - gamma mu / sigma is one of the biases)."""
     from saliency_robustness.stages.metrics import compute_metrics
 
-    model = build_model(resnet_spec()).eval()
+    model = build_model(resnet_spec(architecture)).eval()
     generator = torch.Generator().manual_seed(0)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -195,6 +292,48 @@ def test_resnet_logits_split_exactly_into_homogeneous_part_and_bias_sum() -> Non
     scale = np.abs(ds["homogeneous_part"].values) + np.abs(ds["bias_part"].values)  # what the relative error is relative to
     assert ds.attrs["max_relative_decomposition_error"] <= (tolerance / scale).max()
     assert float(np.abs(ds["bias_part"]).min()) > 1e-3  # a real bias part, not a trivially zero one
+
+
+def test_preact_resnet_keeps_a_32x32_image_at_full_resolution_in_its_first_stage() -> None:
+    """A 3x3 stride-1 stem, no max-pool: torchvision's ResNet stem would leave 8x8 of 32x32."""
+    model = build_model(resnet_spec("preact_resnet", num_classes=10))
+    sizes: list[tuple[int, ...]] = []
+    model.backbone.stages[0].register_forward_hook(lambda module, inputs, output: sizes.append(tuple(output.shape)))
+    model.backbone.stem.register_forward_hook(lambda module, inputs, output: sizes.append(tuple(output.shape)))
+    with torch.no_grad():
+        logits = model(torch.rand(2, 3, 32, 32))
+    assert logits.shape == (2, 10)
+    assert sizes == [(2, 16, 32, 32), (2, 16, 32, 32)]
+    assert model.backbone.stem.kernel_size == (3, 3) and model.backbone.stem.stride == (1, 1)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+    # the std division is the bias-free first layer, as for the ImageNet ResNets
+    assert [name for name, _ in model.input_scale.named_parameters()] == []
+
+
+def test_preact_resnet_saliency_is_the_gradient_of_the_predicted_logit() -> None:
+    """Central differences in float64 at a few coordinates: the network is piecewise linear, so
+    a step of 1e-6 crosses no kink at random inputs and the differences are exact up to rounding."""
+    from saliency_robustness.stages.saliency import compute_saliency
+
+    torch.manual_seed(2)
+    model = build_model(resnet_spec("preact_resnet", num_classes=10)).double().eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):  # statistics other than the identity
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64) - 0.5
+    ds = compute_saliency(model, x, batch_size=2, device="cpu")
+    predicted = torch.from_numpy(ds["prediction"].values)
+    rng = np.random.default_rng(0)
+    for k in range(len(x)):
+        for c, i, j in zip(rng.integers(0, 3, 6), rng.integers(0, 32, 6), rng.integers(0, 32, 6), strict=True):
+            up, down = x[k : k + 1].clone(), x[k : k + 1].clone()
+            up[0, c, i, j] += 1e-6
+            down[0, c, i, j] -= 1e-6
+            with torch.no_grad():
+                difference = (model(up)[0, predicted[k]] - model(down)[0, predicted[k]]).item() / 2e-6
+            # rounding only: |logit| ~ 1 times float64's eps over the step
+            assert abs(ds["saliency"].values[k, c, i, j] - difference) <= 1e-7
 
 
 @pytest.mark.parametrize("layout", ["backbone", "full"])

@@ -180,13 +180,17 @@ def truncated_jpeg(path) -> None:  # noqa: ANN001
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 
 
+DECODES = ["per_epoch", "once"]
+
+
+@pytest.mark.parametrize("decode", DECODES)
 @pytest.mark.parametrize("damage", ["truncated", "empty", "not an image"])
-def test_an_image_that_does_not_decode_is_one_line_naming_the_file(tmp_path, damage: str) -> None:  # noqa: ANN001
+def test_an_image_that_does_not_decode_is_one_line_naming_the_file(tmp_path, damage: str, decode: str) -> None:  # noqa: ANN001
     """Through a DataLoader worker too: the worker's traceback used to come back as the message."""
     root = write_image_folder(tmp_path / "folder", train_per_class=2, val_per_class=2)
     bad = root / "val" / "class_b" / "broken.jpg"
     {"truncated": truncated_jpeg, "empty": lambda p: p.write_bytes(b""), "not an image": lambda p: p.write_text("hello")}[damage](bad)
-    dataset = {**imagefolder_config()["dataset"], "path": str(root)}
+    dataset = {**imagefolder_config()["dataset"], "path": str(root), "decode": decode}
     split, _ = open_split(dataset, tmp_path, "test")
     for workers in (0, 1):
         with pytest.raises(DataError) as info:
@@ -196,14 +200,61 @@ def test_an_image_that_does_not_decode_is_one_line_naming_the_file(tmp_path, dam
         assert "\n" not in message
 
 
-def test_grayscale_and_cmyk_files_are_converted_as_torchvision_converts_them(tmp_path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("decode", DECODES)
+def test_grayscale_and_cmyk_files_are_converted_as_torchvision_converts_them(tmp_path, decode: str) -> None:  # noqa: ANN001
+    from torchvision.datasets.folder import default_loader
+
     root = write_image_folder(tmp_path / "folder", train_per_class=2, val_per_class=2)
-    Image.fromarray(np.full((40, 48), 200, dtype=np.uint8), mode="L").save(root / "val" / "class_a" / "gray.jpg")
-    Image.new("CMYK", (48, 40), (0, 128, 0, 0)).save(root / "val" / "class_a" / "cmyk.jpg")
-    dataset = {**imagefolder_config()["dataset"], "path": str(root)}
+    gray, cmyk = root / "val" / "class_a" / "gray.jpg", root / "val" / "class_a" / "cmyk.jpg"
+    Image.fromarray(np.tile(np.arange(48, dtype=np.uint8) * 5, (40, 1)), mode="L").save(gray)
+    Image.new("CMYK", (48, 40), (0, 128, 0, 0)).save(cmyk)
+    dataset = {**imagefolder_config()["dataset"], "path": str(root), "decode": decode}
     split, _ = open_split(dataset, tmp_path, "test")
-    images = torch.stack([split[i][0] for i in range(len(split))])
-    assert images.shape[1] == 3 and torch.isfinite(images).all()
+    mean = torch.tensor(dataset["mean"]).view(3, 1, 1)
+    for path in (gray, cmyk):
+        index = [p for p, _ in split.samples].index(str(path))
+        image, _ = split[index]
+        # known answer: torchvision's own loader (PIL's conversion to RGB), the 40x48 image's 32x32 center crop at (4, 8)
+        expected = torch.from_numpy(np.asarray(default_loader(str(path)), dtype=np.float32)[4:36, 8:40].transpose(2, 0, 1) / 255.0)
+        assert image.shape == (3, 32, 32)
+        torch.testing.assert_close(image + mean, expected, rtol=0, atol=1e-6)
+    assert not torch.equal(split[[p for p, _ in split.samples].index(str(gray))][0][0], split[0][0][0])
+
+
+@pytest.mark.parametrize("decode", DECODES)
+def test_stray_files_without_an_image_extension_are_skipped_as_torchvision_skips_them(tmp_path, decode: str) -> None:  # noqa: ANN001
+    root = write_image_folder(tmp_path / "folder", train_per_class=2, val_per_class=2)
+    dataset = {**imagefolder_config()["dataset"], "path": str(root), "decode": decode}
+    before = [p for p, _ in open_split(dataset, tmp_path, "test")[0].samples]
+    (root / "val" / "class_a" / "README.txt").write_text("not an image")
+    (root / "val" / "class_b" / ".DS_Store").write_bytes(b"\x00\x01")
+    (root / "val" / "notes.csv").write_text("a loose file beside the class folders")
+    split, _ = open_split(dataset, tmp_path, "test")
+    assert [p for p, _ in split.samples] == before and split.classes == ["class_a", "class_b", "class_c"]
+    list(DataLoader(split, batch_size=2))  # and every remaining file decodes
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_class_folder_without_images_is_one_line_naming_it(tmp_path, split: str) -> None:  # noqa: ANN001
+    root = write_image_folder(tmp_path / "folder", train_per_class=2, val_per_class=2)
+    folder = root / ("train" if split == "train" else "val") / "class_b"
+    for path in folder.iterdir():
+        path.unlink()
+    (folder / "README.txt").write_text("only a stray file")
+    dataset = {**imagefolder_config()["dataset"], "path": str(root)}
+    with pytest.raises(DataError) as info:
+        open_split(dataset, tmp_path, split)
+    message = str(info.value)
+    assert message.startswith(f"class folder {folder} holds no image file (") and message.endswith(": remove it or fill it"), message
+    assert "\n" not in message
+
+
+def test_a_split_without_class_folders_is_one_line(tmp_path) -> None:  # noqa: ANN001
+    (tmp_path / "folder" / "val").mkdir(parents=True)
+    (tmp_path / "folder" / "val" / "image.jpg").write_bytes(b"")
+    dataset = {**imagefolder_config()["dataset"], "path": str(tmp_path / "folder")}
+    with pytest.raises(DataError, match=r"^ImageNet-layout folder .*/val holds no class folders \(expected .*/val/<class>/<image>\)$"):
+        open_split(dataset, tmp_path, "test")
 
 
 @pytest.mark.workflow

@@ -14,7 +14,13 @@ Prints two markdown tables:
    model, so comparable across machines), claimed and verified successes, median verified
    norm, and how often the attack gave the ensemble's rho;
 2. per model: the ensemble's median rho against the same ensemble with ``--factor`` times
-   the steps of every attack (target: ratio <= 1.02).
+   the steps of every attack (target: ratio <= 1.02);
+3. per model (``--outside-steps``, default 1000; 0 skips it): the ensemble's median rho
+   against an outside reference, minimum-norm L2 attacks of another maintained library
+   (adv-lib: ALMA, DDN and FMN, ``--outside-steps`` steps each, run on the model seen from
+   pixel space), every adversarial they return verified by the project's own
+   ``verify_adversarials`` (target: ratio <= 1.02). adv-lib is not a dependency of the
+   pipeline: ``pip install --no-deps adv-lib==0.2.8 visdom`` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -36,9 +42,9 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # foolbox imports git
 
 from saliency_robustness.config import load_config, model_grid  # noqa: E402
 from saliency_robustness.data import InputSpace, build_eval_dataset, eval_tensors  # noqa: E402
-from saliency_robustness.ensemble import run_ensemble  # noqa: E402
+from saliency_robustness.ensemble import PixelModel, predict, run_ensemble, verify_adversarials  # noqa: E402
 from saliency_robustness.models import load_model  # noqa: E402
-from saliency_robustness.robustness import combine_attacks  # noqa: E402
+from saliency_robustness.robustness import combine_attacks, smallest_verified  # noqa: E402
 from saliency_robustness.stages.training import model_spec, train_stage  # noqa: E402
 from saliency_robustness.stores import open_store  # noqa: E402
 
@@ -87,6 +93,59 @@ def timed_ensemble(
     return results, costs
 
 
+# the outside reference: adv-lib's minimum-norm L2 attacks (Rony et al.), as its authors
+# configure them for L2 (ALMA: penalty P2, initial step 0.1 of the distance; DDN without
+# quantization, as the project's attacks do not quantize)
+OUTSIDE_ATTACKS = ("ALMA", "DDN", "FMN")
+
+
+def outside_attack(name: str, steps: int) -> Any:
+    from adv_lib.attacks import alma, ddn, fmn
+
+    if name == "ALMA":
+        return lambda model, x, y: alma(model, x, y, distance="l2", num_steps=steps, init_lr_distance=0.1)
+    if name == "DDN":
+        return lambda model, x, y: ddn(model, x, y, steps=steps, levels=None)
+    if name == "FMN":
+        return lambda model, x, y: fmn(model, x, y, norm=2, steps=steps)
+    raise SystemExit(f"unknown outside attack {name!r} (known: {', '.join(OUTSIDE_ATTACKS)})")
+
+
+def outside_reference(
+    model: torch.nn.Module, images: torch.Tensor, space: InputSpace, steps: int, batch_size: int, names: tuple[str, ...] = OUTSIDE_ATTACKS
+) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
+    """Per image, the smallest norm among the outside attacks' adversarials that the project's
+    ``verify_adversarials`` confirms (NaN where none), each attack's verified norms, and the
+    seconds taken. The attacks see pixels in [0, 1] (``PixelModel``); their adversarials are
+    mapped back to the input space and verified there against the clean prediction."""
+    pixel_model = PixelModel(model, space).eval()
+    bounds = space.input_bounds()
+    norms = {name: np.full(len(images), np.nan) for name in names}
+    started = time.perf_counter()
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size]
+        clean = predict(model, x)
+        for name in names:
+            adversarial = outside_attack(name, steps)(pixel_model, space.to_pixels(x), clean).detach()
+            _, verified, _ = verify_adversarials(model, x, space.from_pixels(adversarial), clean, bounds)
+            norms[name][start : start + len(x)] = verified.numpy()
+    _, best = smallest_verified(np.stack([norms[name] for name in names], axis=1), axis=1)
+    return best, norms, time.perf_counter() - started
+
+
+def tightness_row(name: str, rho: np.ndarray, reference: np.ndarray, seconds: float, reference_seconds: float) -> str:
+    """One row of a tightness table: medians over the images both found rho for, their ratio,
+    the median and 90th percentile of the per-image ratio, and the share of images more than
+    5 % above the reference."""
+    both = np.isfinite(rho) & np.isfinite(reference)
+    ratio = rho[both] / reference[both]
+    return (
+        f"| {name} | {int(both.sum())} | {np.median(rho[both]):.4f} | {np.median(reference[both]):.4f} | "
+        f"{np.median(rho[both]) / np.median(reference[both]):.4f} | {np.median(ratio):.4f} | {np.percentile(ratio, 90):.4f} | "
+        f"{(ratio > 1.05).mean():.0%} | {seconds:.1f} | {reference_seconds:.1f} |"
+    )
+
+
 def model_dirs(args: argparse.Namespace, config: Mapping[str, Any], scratch: Path) -> list[Path]:
     if args.models:
         return [Path(m) for m in args.models]
@@ -115,6 +174,7 @@ def main() -> None:
     parser.add_argument("--factor", type=int, default=10, help="budget multiple of the reference ensemble")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--outside-steps", type=int, default=1000, help="steps of each outside attack (0: no outside check)")
     parser.add_argument("--train", type=float, nargs="*", default=None, help="train models with these lambdas first")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -130,7 +190,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         dirs = model_dirs(args, config, Path(scratch))
         print(f"{len(images)} images, batch {batch_size}, {args.threads} threads, device cpu, config {args.config}\n")
-        speed_rows, tightness_rows = [], []
+        speed_rows: list[str] = []
+        tightness_rows: list[str] = []
+        outside_rows: list[str] = []
         for directory in dirs:
             model = load_model(directory, "cpu")
             results, costs = timed_ensemble(model, images, space, ensemble, batch_size)
@@ -150,24 +212,31 @@ def main() -> None:
                 f"{len(images) - combined.attrs['attack_failures']} | {np.nanmedian(combined['robustness'].values):.4f} | - |"
             )
             longer, longer_costs = timed_ensemble(model, images, space, longer_budget(ensemble, args.factor), batch_size)
-            reference = combine_attacks(longer)["robustness"].values
             rho = combined["robustness"].values
-            tightness_rows.append(
-                f"| {directory.name} | {np.nanmedian(rho):.4f} | {np.nanmedian(reference):.4f} | "
-                f"{np.nanmedian(rho) / np.nanmedian(reference):.4f} | {np.nanmedian(rho / reference):.4f} | "
-                f"{np.nanpercentile(rho / reference, 90):.4f} | {total:.1f} | {sum(c['seconds'] for c in longer_costs.values()):.1f} |"
-            )
+            reference = combine_attacks(longer)["robustness"].values
+            tightness_rows.append(tightness_row(directory.name, rho, reference, total, sum(c["seconds"] for c in longer_costs.values())))
+            if args.outside_steps:
+                best, per_attack, seconds = outside_reference(model, images, space, args.outside_steps, batch_size)
+                row = tightness_row(directory.name, rho, best, total, seconds)
+                winners = {name: int(np.sum(np.isfinite(norms) & (norms == best))) for name, norms in per_attack.items()}
+                outside_rows.append(f"{row} {', '.join(f'{k} {v}' for k, v in winners.items())} |")
 
     print("| model | attack | images/s | gradients/image | claimed | verified | median norm | gave rho |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(speed_rows))
     print(f"\nEnsemble against {args.factor}x the steps of every attack (target: ratio of medians <= 1.02)\n")
-    print(
-        f"| model | median rho | median rho ({args.factor}x) | ratio of medians | median ratio | 90th pct ratio "
-        f"| seconds | seconds ({args.factor}x) |"
+    header = (
+        "| model | images | median rho | median rho ({}) | ratio of medians | median ratio | 90th pct ratio | > 5 % above | seconds | seconds ({}) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(header.format(f"{args.factor}x", f"{args.factor}x"))
+    print("| --- " * 10 + "|")
     print("\n".join(tightness_rows))
+    if outside_rows:
+        attacks = ", ".join(OUTSIDE_ATTACKS)
+        print(f"\nEnsemble against adv-lib's {attacks} at {args.outside_steps} steps each, verified here (target: ratio of medians <= 1.02)\n")
+        print(header.format("outside", "outside") + " gave the reference |")
+        print("| --- " * 11 + "|")
+        print("\n".join(outside_rows))
 
 
 if __name__ == "__main__":

@@ -473,7 +473,8 @@ def saliency_gallery(inputs: FigureInputs) -> plt.Figure:
     attributions = inputs.attributions
     if len(shown) * len(attributions) > GALLERY_ROWS:
         shown = pd.concat([points.iloc[[0, -1]].drop_duplicates("grid_point") for _, points in shown.groupby("method", sort=False)])
-    lam = {m: f"{label} (seed {seed})" for m, label, seed in zip(shown["model"], shown["label"], shown["seed"])}
+    lam = {m: f"{label}\n(seed {seed})" for m, label, seed in zip(shown["model"], shown["label"], shown["seed"])}
+    by = "λ" if shown["method"].nunique() == 1 else "method and strength"
     rgb = pixels.shape[1] > 1
     rows: list[tuple[str, str | None, str | None]] = [("image", None, None)]
     for attribution in attributions:
@@ -486,7 +487,9 @@ def saliency_gallery(inputs: FigureInputs) -> plt.Figure:
     )
     for col, sample in enumerate(samples):
         _show_image(axes[0, col], pixels[col])
-        axes[0, col].set_title(f"label {int(eval_ds['label'][sample])}", fontsize="small")
+        label = int(eval_ds["label"][sample])
+        names = eval_ds.attrs.get("class_names")
+        axes[0, col].set_title(names[label] if names is not None and label < len(names) else f"label {label}", fontsize="small")
     for row, (model, attribution, kind) in enumerate(rows[1:], start=1):
         store = saliency[model]
         if attribution == "gradient":
@@ -511,7 +514,7 @@ def saliency_gallery(inputs: FigureInputs) -> plt.Figure:
     axes[0, 0].set_ylabel("image", fontsize="small")
     fig.colorbar(im, ax=axes[1:, -1], shrink=0.6, label="saliency / max |saliency| (per map)", ticks=[])
     if len(attributions) == 1:
-        fig.suptitle(r"Saliency maps $\nabla\Psi^{F(x)}(x)$, one row per grid point by λ")
+        fig.suptitle(rf"Saliency maps $\nabla\Psi^{{F(x)}}(x)$, one row per grid point by {by}")
     else:
         fig.suptitle("Attribution maps of the predicted logit (signed), one row per (method, grid point)")
     return fig
