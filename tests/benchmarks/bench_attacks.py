@@ -100,7 +100,10 @@ OUTSIDE_ATTACKS = ("ALMA", "DDN", "FMN")
 
 
 def outside_attack(name: str, steps: int) -> Any:
-    from adv_lib.attacks import alma, ddn, fmn
+    try:
+        from adv_lib.attacks import alma, ddn, fmn
+    except ImportError as exc:
+        raise SystemExit(f"the outside check needs adv-lib ({exc}): see docs/cifar10.md for its install, or pass --outside-steps 0") from None
 
     if name == "ALMA":
         return lambda model, x, y: alma(model, x, y, distance="l2", num_steps=steps, init_lr_distance=0.1)
