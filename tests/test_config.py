@@ -121,3 +121,11 @@ def test_stage_fingerprints_follow_the_imports_of_each_stage(tmp_path, monkeypat
     assert changed_by_editing("foolbox_fixes") == {"attack"}
     assert changed_by_editing("robustness") == {"attack", "metrics"}
     assert changed_by_editing("evaluation") == {"saliency", "metrics"}
+
+
+def test_decoding_once_with_loader_workers_is_refused_in_one_line() -> None:
+    """Workers would each decode into a copy of the cache and lose it after every epoch."""
+    config = {"experiment": "x", "dataset": {"kind": "imagefolder", "path": "f", "decode": "once"}, "train": {"num_workers": 2}}
+    with pytest.raises(ConfigError, match=r"^config key 'dataset.decode': once keeps .* set train.num_workers to 0 \(it is 2\) or decode per_epoch$"):
+        validate_config(config)
+    assert validate_config({**config, "train": {"num_workers": 0}})["dataset"]["decode"] == "once"

@@ -118,6 +118,12 @@ def validate_config(config: Mapping[str, Any], schema_path: Path | str = SCHEMA_
                 f"config key 'train.seed': {raw_train['seed']} is not among train.seeds {train['seeds']} (seed is short for seeds: [seed]; keep one)"
             )
         train["seed"] = train["seeds"][0]
+    if checked["dataset"]["decode"] == "once" and train["num_workers"] > 0:
+        # each loader worker would fill, and lose at the epoch's end, its own copy of the cache
+        raise ConfigError(
+            f"config key 'dataset.decode': once keeps the decoded images in the training process; "
+            f"set train.num_workers to 0 (it is {train['num_workers']}) or decode per_epoch"
+        )
     check_external_models(checked)
     attacks = checked["attacks"]
     if not attacks["store_adversarials"] and any(a["refine"] for a in attacks["ensemble"].values()):
