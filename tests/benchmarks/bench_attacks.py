@@ -20,7 +20,7 @@ Prints two markdown tables:
    (adv-lib: ALMA, DDN and FMN, ``--outside-steps`` steps each, run on the model seen from
    pixel space), every adversarial they return verified by the project's own
    ``verify_adversarials`` (target: ratio <= 1.02). adv-lib is not a dependency of the
-   pipeline: ``pip install --no-deps adv-lib==0.2.8 visdom`` (docs/benchmarks.md).
+   pipeline; docs/cifar10.md gives its install (visdom, which it imports, needs a workaround).
 """
 
 from __future__ import annotations
@@ -99,11 +99,16 @@ def timed_ensemble(
 OUTSIDE_ATTACKS = ("ALMA", "DDN", "FMN")
 
 
-def outside_attack(name: str, steps: int) -> Any:
+def require_adv_lib() -> None:
+    """Stop in one line, before any attack runs, when adv-lib cannot be imported."""
     try:
-        from adv_lib.attacks import alma, ddn, fmn
+        import adv_lib.attacks  # noqa: F401
     except ImportError as exc:
         raise SystemExit(f"the outside check needs adv-lib ({exc}): see docs/cifar10.md for its install, or pass --outside-steps 0") from None
+
+
+def outside_attack(name: str, steps: int) -> Any:
+    from adv_lib.attacks import alma, ddn, fmn
 
     if name == "ALMA":
         return lambda model, x, y: alma(model, x, y, distance="l2", num_steps=steps, init_lr_distance=0.1)
@@ -181,6 +186,8 @@ def main() -> None:
     parser.add_argument("--train", type=float, nargs="*", default=None, help="train models with these lambdas first")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.outside_steps:
+        require_adv_lib()
 
     config = load_config(args.config, {"data_root": args.data_root})
     ensemble = config["attacks"]["ensemble"]
