@@ -21,6 +21,33 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("SALIENCY_ROBUSTNESS_DATA_ROOT", REPO.parent / "shared" / "data"))
 
 
+def mnist_cnn_spec(name: str = "tiny", **fields: Any) -> Any:
+    """A ``ModelSpec`` of the paper's MNIST CNN, plain (lambda 0, the schema's training
+    defaults), on 28x28 images unless ``fields`` say otherwise."""
+    from saliency_robustness.models import ModelSpec
+
+    plain = {"method": "gradnorm", "strength": 0.0, "sensitivity": "loss", "p": 2.0, "seed": 0, "num_classes": 10, "in_channels": 1, "image_size": 28}
+    return ModelSpec(name=name, architecture="mnist_cnn", **{**plain, **fields})
+
+
+def write_summary(root: Path, models: list[str], metrics_stores: list[Path], model_dirs: list[Path], options: Any) -> None:
+    """Run the summary stage on the models, given in reverse order (stacking must sort them),
+    into ``root/summary.zarr`` and its three tables."""
+    from saliency_robustness.stages.summary import summary_stage
+
+    order = list(reversed(range(len(models))))
+    summary_stage(
+        models=[models[i] for i in order],
+        metrics_stores=[metrics_stores[i] for i in order],
+        model_dirs=[model_dirs[i] for i in order],
+        output_zarr=root / "summary.zarr",
+        output_csv=root / "summary.csv",
+        output_grid_csv=root / "summary_grid.csv",
+        output_trends_csv=root / "summary_trends.csv",
+        options=options,
+    )
+
+
 # --- rounding-error tolerances -------------------------------------------------------------
 # Two results that agree in exact arithmetic but were rounded differently (another batch size, BLAS or
 # oneDNN blocking, CPU instruction set, thread count, vmap against a loop, a float64 reference) agree only
@@ -84,7 +111,7 @@ class _Decomposition:
     its logits with respect to the input and every bias-like parameter (docs/spec.md §2)."""
 
     def __init__(self, model: nn.Module, images: torch.Tensor) -> None:
-        from saliency_robustness.stages.metrics import BiasProbes
+        from saliency_robustness.homogeneity import BiasProbes
 
         self.x = images.to(next(model.parameters()).dtype).clone().requires_grad_(True)
         self.probes = BiasProbes(model)
@@ -201,11 +228,11 @@ def tiny_experiment(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     import numpy as np
 
     from saliency_robustness.data import MNIST_INPUT_SPACE, eval_dataset
-    from saliency_robustness.models import ModelSpec, build_model, save_model
+    from saliency_robustness.models import build_model, save_model
     from saliency_robustness.stores import write_store
 
     root = tmp_path_factory.mktemp("tiny_experiment")
-    spec = ModelSpec(name="gradnorm-lambda0", architecture="mnist_cnn", lam=0.0, image_size=8)
+    spec = mnist_cnn_spec("gradnorm-lambda0", image_size=8)
     model_dir = root / "models" / spec.name
     model_dir.mkdir(parents=True)
     save_model(build_model(spec), spec, model_dir)

@@ -16,13 +16,13 @@ import xarray as xr
 from foolbox.attacks.base import MinimizationAttack
 from torch import nn
 
-from conftest import affine_boundary_tolerance, assert_within, float_tolerance
+from conftest import affine_boundary_tolerance, assert_within, float_tolerance, mnist_cnn_spec
 from saliency_robustness.config import load_config
 from saliency_robustness.data import InputSpace, eval_dataset
 from saliency_robustness.ensemble import best_adversarials, make_attack, run_attack, run_ensemble, verify_adversarials
 from saliency_robustness.errors import ConfigError
 from saliency_robustness.foolbox_fixes import ATTACKS, CorrectedL2FMNAttack, GuardedL2CarliniWagnerAttack
-from saliency_robustness.models import ModelSpec, build_model, save_model
+from saliency_robustness.models import build_model, save_model
 from saliency_robustness.robustness import combine_attacks, smallest_verified
 from saliency_robustness.stages.attacks import attack_stage
 from saliency_robustness.stores import open_store, write_store
@@ -113,7 +113,7 @@ class ClaimsSuccessOnUnchangedImages(MinimizationAttack):
 
 def test_a_claimed_success_on_an_unchanged_image_is_rejected() -> None:
     model, x = affine_model(), affine_images(10)
-    ds = run_attack(model, x, WIDE, attack=ClaimsSuccessOnUnchangedImages(), device="cpu")
+    ds = run_attack(model, x, WIDE, attack=ClaimsSuccessOnUnchangedImages(), device="cpu", store_adversarials=True)
     assert ds["claimed_success"].values.all()
     assert not ds["success"].values.any()
     assert np.isnan(ds["perturbation_norm"].values).all()
@@ -140,7 +140,7 @@ def test_attacks_and_their_verification_run_without_tf32() -> None:
     model, before = RecordsTF32(), torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = True
     try:
-        run_attack(model, affine_images(4), WIDE, attack="DDNAttack", kwargs={"steps": 3}, device="cpu")
+        run_attack(model, affine_images(4), WIDE, attack="DDNAttack", kwargs={"steps": 3}, device="cpu", store_adversarials=True)
         assert model.tf32 and not any(model.tf32)
         assert torch.backends.cudnn.allow_tf32
     finally:
@@ -182,12 +182,12 @@ def test_carlini_wagner_failure_is_not_a_zero_image_success() -> None:
     space = InputSpace(pixel_offset=(0.0,), pixel_bounds=(0.0, 1.0))
     assert len(x) >= 10
     budget = {"binary_search_steps": 1, "steps": 1}  # CW finds nothing with one step
-    original = run_attack(model, x, space, attack=fb.attacks.L2CarliniWagnerAttack(**budget), device="cpu")
+    original = run_attack(model, x, space, attack=fb.attacks.L2CarliniWagnerAttack(**budget), device="cpu", store_adversarials=True)
     # the trap: Foolbox returns the zero image, which passes as a success of norm ||x||
     assert original["success"].values.all()
     image_norm = x.flatten(1).double().norm(dim=1).numpy()  # ||0 - x||: float64 norms of the same D terms
     assert_within(original["perturbation_norm"].values, image_norm, float_tolerance(np.float64, image_norm, terms=x[0].numel()))
-    guarded = run_attack(model, x, space, attack="L2CarliniWagnerAttack", kwargs=budget, device="cpu")
+    guarded = run_attack(model, x, space, attack="L2CarliniWagnerAttack", kwargs=budget, device="cpu", store_adversarials=True)
     assert isinstance(make_attack("L2CarliniWagnerAttack"), GuardedL2CarliniWagnerAttack)
     assert not guarded["success"].values.any()
     assert not guarded["claimed_success"].values.any()
@@ -199,8 +199,8 @@ def test_guarded_carlini_wagner_changes_nothing_but_the_failures() -> None:
     # bounds that do not bind, narrow enough for CW's tanh box to move freely
     space = InputSpace(pixel_offset=(0.0,), pixel_bounds=(-1.0, 2.0))
     kwargs = {"binary_search_steps": 6, "steps": 100, "stepsize": 0.01, "abort_early": False}
-    guarded = run_attack(model, x, space, attack="L2CarliniWagnerAttack", kwargs=kwargs, device="cpu")
-    original = run_attack(model, x, space, attack=fb.attacks.L2CarliniWagnerAttack(**kwargs), device="cpu")
+    guarded = run_attack(model, x, space, attack="L2CarliniWagnerAttack", kwargs=kwargs, device="cpu", store_adversarials=True)
+    original = run_attack(model, x, space, attack=fb.attacks.L2CarliniWagnerAttack(**kwargs), device="cpu", store_adversarials=True)
     assert guarded["success"].values.all()
     np.testing.assert_array_equal(guarded["perturbation_norm"].values, original["perturbation_norm"].values)
     assert np.median(guarded["perturbation_norm"].values / rho) < 1.01
@@ -228,8 +228,8 @@ def test_fmn_projects_onto_the_l2_ball() -> None:
 def test_corrected_fmn_is_tight_where_the_original_is_not() -> None:
     model, x = affine_model(), affine_images(30)
     rho = exact_robustness(model, x)
-    corrected = run_attack(model, x, WIDE, attack="L2FMNAttack", kwargs={"steps": 30}, device="cpu")
-    original = run_attack(model, x, WIDE, attack=fb.attacks.L2FMNAttack(steps=30), device="cpu")
+    corrected = run_attack(model, x, WIDE, attack="L2FMNAttack", kwargs={"steps": 30}, device="cpu", store_adversarials=True)
+    original = run_attack(model, x, WIDE, attack=fb.attacks.L2FMNAttack(steps=30), device="cpu", store_adversarials=True)
     ratio = corrected["perturbation_norm"].values / rho
     assert np.nanmedian(ratio) < 1.01 and np.isfinite(ratio).mean() >= 0.9
     assert np.nanmedian(original["perturbation_norm"].values / rho) > 1.01
@@ -239,8 +239,9 @@ def test_deepfool_boundary_search_removes_the_overshoot() -> None:
     model, x = affine_model(), affine_images(30)
     rho = exact_robustness(model, x)
     kwargs = {"steps": 10, "candidates": 10, "overshoot": 0.02}
-    plain = run_attack(model, x, WIDE, attack="L2DeepFoolAttack", kwargs=kwargs, device="cpu")
-    trimmed = run_attack(model, x, WIDE, attack="L2DeepFoolAttack", kwargs={**kwargs, "boundary_search_steps": 12}, device="cpu")
+    plain = run_attack(model, x, WIDE, attack="L2DeepFoolAttack", kwargs=kwargs, device="cpu", store_adversarials=True)
+    trimmed = run_attack(model, x, WIDE, attack="L2DeepFoolAttack", kwargs={**kwargs, "boundary_search_steps": 12},
+            device="cpu", store_adversarials=True)
     # Foolbox's last iterate overshoots by ~2%; verification accepts it as an upper bound
     assert np.median(plain["perturbation_norm"].values / rho) > 1.015
     norms = trimmed["perturbation_norm"].values
@@ -252,11 +253,13 @@ def test_translation_of_the_input_space_leaves_the_distances_unchanged() -> None
     model, x = affine_model(), affine_images(20)
     shifted = InputSpace(pixel_offset=(0.5,), pixel_bounds=(-19.5, 20.5))
     kwargs = {"steps": 10, "boundary_search_steps": 12}
-    plain = run_attack(model, x, WIDE, attack="L2DeepFoolAttack", kwargs=kwargs, device="cpu")
-    moved = run_attack(model, x, shifted, attack="L2DeepFoolAttack", kwargs=kwargs, device="cpu")
+    plain = run_attack(model, x, WIDE, attack="L2DeepFoolAttack", kwargs=kwargs, device="cpu", store_adversarials=True)
+    moved = run_attack(model, x, shifted, attack="L2DeepFoolAttack", kwargs=kwargs, device="cpu", store_adversarials=True)
     # not only rounding: where the translation's rounding flips one bisection step, the two end within one final
     # bracket, 2^-12 of DeepFool's own step, of the boundary; plus the float32 rounding of x + 0.5 and of the logits
-    untrimmed = run_attack(model, x, WIDE, attack="L2DeepFoolAttack", kwargs={"steps": 10}, device="cpu")["perturbation_norm"].values
+    untrimmed = run_attack(model, x, WIDE, attack="L2DeepFoolAttack", kwargs={"steps": 10}, device="cpu", store_adversarials=True)[
+        "perturbation_norm"
+    ].values
     norms = plain["perturbation_norm"].values
     rounding = float_tolerance(torch.float32, (x.abs() + 0.5).flatten(1).norm(dim=1).numpy(), terms=2) + distance_tolerance(model, x, norms)
     assert_within(moved["perturbation_norm"].values, norms, 2.0 ** -kwargs["boundary_search_steps"] * untrimmed + rounding)
@@ -306,7 +309,7 @@ def test_registry_names_the_config_classes() -> None:
 @pytest.fixture()
 def tiny_stage(tmp_path: Path) -> tuple[Path, Path]:
     """A freshly initialised 8x8 MNIST-architecture model and a 12-image evaluation store."""
-    spec = ModelSpec(name="tiny", architecture="mnist_cnn", lam=0.0, image_size=8)
+    spec = mnist_cnn_spec("tiny", image_size=8)
     model = build_model(spec)
     with torch.no_grad():  # without biases its decision boundaries cross the [0, 1] box
         for name, parameter in model.named_parameters():
@@ -316,9 +319,7 @@ def tiny_stage(tmp_path: Path) -> tuple[Path, Path]:
     model_dir.mkdir(parents=True)
     save_model(model, spec, model_dir)
     x = affine_images(12)
-    eval_store = write_store(
-        eval_dataset(x, np.zeros(12), np.arange(12), InputSpace(pixel_offset=(0.0,))), tmp_path / "eval.zarr"
-    )
+    eval_store = write_store(eval_dataset(x, np.zeros(12), np.arange(12), InputSpace(pixel_offset=(0.0,))), tmp_path / "eval.zarr")
     return model_dir, eval_store
 
 
@@ -368,10 +369,12 @@ def test_brendel_bethge_refines_deepfool_on_the_affine_model() -> None:
     """Needs numba, which compiles Brendel-Bethge's solver on first use (about a minute)."""
     model, x = affine_model(), affine_images(10)
     rho = exact_robustness(model, x)
-    deepfool = run_attack(model, x, WIDE, attack="L2DeepFoolAttack", kwargs={"steps": 10, "overshoot": 0.3}, device="cpu")
+    deepfool = run_attack(model, x, WIDE, attack="L2DeepFoolAttack", kwargs={"steps": 10, "overshoot": 0.3}, device="cpu", store_adversarials=True)
     starts = torch.from_numpy(deepfool["adversarial"].values)
     starts[:2] = math.nan  # no start: skipped
-    ds = run_attack(model, x, WIDE, attack="L2BrendelBethgeAttack", kwargs={"steps": 20}, starting_points=starts, device="cpu")
+    ds = run_attack(
+        model, x, WIDE, attack="L2BrendelBethgeAttack", kwargs={"steps": 20}, starting_points=starts, device="cpu", store_adversarials=True
+    )
     assert not ds["claimed_success"].values[:2].any() and np.isnan(ds["perturbation_norm"].values[:2]).all()
     norms = ds["perturbation_norm"].values[2:]
     assert (norms >= rho[2:] - distance_tolerance(model, x[2:], norms)).all() and np.median(norms / rho[2:]) < 1.01

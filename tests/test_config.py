@@ -9,17 +9,11 @@ import pytest
 import yaml
 
 from conftest import REPO
-from saliency_robustness.config import (
-    MODEL_NAME_PATTERN,
-    GridPoint,
-    code_fingerprint,
-    external_models,
-    model_grid,
-    model_name,
-    stage_modules,
-    validate_config,
-)
+from saliency_robustness.config import validate_config
 from saliency_robustness.errors import ConfigError
+from saliency_robustness.fingerprints import code_fingerprint, stage_modules
+from saliency_robustness.grid import GridPoint, external_models, model_grid
+from saliency_robustness.vocabulary import MODEL_NAME_PATTERN, grid_point_name, model_name, parse_model_name
 
 CONFIGS = sorted((REPO / "config").glob("*.yaml"))
 
@@ -62,12 +56,18 @@ def test_bad_config_is_rejected_in_one_line_naming_the_key(config: dict, message
 
 
 def test_model_names_are_readable_and_unique() -> None:
-    assert model_name(0.1) == "gradnorm-lambda0.1-seed0"
-    assert model_name(0.0, 3) == "gradnorm-lambda0-seed3"
-    assert model_name(-0.0) == model_name(0.0)
-    assert model_name(10.0) == "gradnorm-lambda10-seed0"
-    assert model_name(1.0000001) != model_name(1.0)  # distinct values, distinct names
-    assert re.fullmatch(MODEL_NAME_PATTERN, model_name(1e-5, 12))
+    assert model_name("gradnorm", 0.1, 0) == "gradnorm-lambda0.1-seed0"
+    assert model_name("gradnorm", 0.0, 3) == "gradnorm-lambda0-seed3"
+    assert model_name("gradnorm", -0.0, 0) == model_name("gradnorm", 0.0, 0)
+    assert model_name("gradnorm", 10.0, 0) == "gradnorm-lambda10-seed0"
+    assert model_name("gradnorm", 1.0000001, 0) != model_name("gradnorm", 1.0, 0)  # distinct values, distinct names
+    assert re.fullmatch(MODEL_NAME_PATTERN, model_name("gradnorm", 1e-5, 12))
+    # a name reads back as what made it; its grid point is the name without the seed
+    for method, strength, seed in (("gradnorm", 1e-5, 12), ("adversarial", 1.5, 0), ("gradnorm", 0.0, 3)):
+        name = model_name(method, strength, seed)
+        assert parse_model_name(name) == (method, strength, seed)
+        assert grid_point_name(name) == name.removesuffix(f"-seed{seed}")
+    assert parse_model_name("resnet50-robust") is None and grid_point_name("resnet50-robust") == "resnet50-robust"
     config = validate_config({"experiment": "x", "train": {"lambdas": [0, 1e-3, 0.001]}})
     with pytest.raises(ConfigError, match="appears twice"):
         model_grid(config)
@@ -81,7 +81,6 @@ def test_seeds_make_the_grid_lambda_by_seed() -> None:
     grid = model_grid(config)
     assert list(grid) == ["gradnorm-lambda0-seed0", "gradnorm-lambda0-seed4", "gradnorm-lambda0.5-seed0", "gradnorm-lambda0.5-seed4"]
     assert grid["gradnorm-lambda0.5-seed4"] == GridPoint(method="gradnorm", strength=0.5, seed=4)
-    assert grid["gradnorm-lambda0.5-seed4"].lam == 0.5 and grid["gradnorm-lambda0.5-seed4"].epsilon is None
     # a single-seed config keeps working: seed is short for seeds: [seed]
     assert list(model_grid(validate_config({"experiment": "x", "train": {"lambdas": [0.1], "seed": 2}}))) == ["gradnorm-lambda0.1-seed2"]
     with pytest.raises(ConfigError, match="appears twice"):
@@ -98,7 +97,7 @@ def test_stage_fingerprints_follow_the_imports_of_each_stage(tmp_path, monkeypat
     stage reruns no attack, an edit to the Foolbox fixes reruns no training and no saliency, and
     the metrics, which combine attack results, depend on that combination but not on how
     attacks run."""
-    from saliency_robustness import config as config_module
+    from saliency_robustness import fingerprints as config_module
 
     assert {"stages.attacks", "ensemble", "foolbox_fixes", "robustness"} <= stage_modules("attack")
     assert "stages.saliency" not in stage_modules("attack")
@@ -129,3 +128,9 @@ def test_decoding_once_with_loader_workers_is_refused_in_one_line() -> None:
     with pytest.raises(ConfigError, match=r"^config key 'dataset.decode': once keeps .* set train.num_workers to 0 \(it is 2\) or decode per_epoch$"):
         validate_config(config)
     assert validate_config({**config, "train": {"num_workers": 0}})["dataset"]["decode"] == "once"
+
+
+def test_a_renamed_key_is_refused_with_its_new_name() -> None:
+    with pytest.raises(ConfigError, match=r"^config key 'train.ensemble' is now called 'train.vectorized'$"):
+        validate_config({"experiment": "x", "train": {"ensemble": True}})
+    assert validate_config({"experiment": "x", "train": {"vectorized": True}})["train"]["vectorized"] is True

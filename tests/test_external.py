@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import sys
 import textwrap
@@ -18,20 +17,16 @@ import torch
 from torch import nn
 
 from conftest import assert_within, decomposition_tolerance, float_tolerance, logit_operands, reduction_terms
-from saliency_robustness.config import (
-    content_hash,
-    external_models,
-    external_weights_hash,
-    model_grid,
-    robustbench_files,
-    validate_config,
-)
+from saliency_robustness.architectures import InputAdapter
+from saliency_robustness.config import validate_config
 from saliency_robustness.data import InputSpace
 from saliency_robustness.errors import ConfigError, DataError, PipelineError
-from saliency_robustness.models import InputAdapter, ModelSpec, build_model, load_model, read_state_dict
+from saliency_robustness.fingerprints import content_hash, external_weights_hash, robustbench_files
+from saliency_robustness.grid import external_models, model_grid
+from saliency_robustness.models import ModelSpec, build_model, load_model, read_state_dict
+from saliency_robustness.stacking import attribute_coords
 from saliency_robustness.stages.external import external_stage, input_adapter
 from saliency_robustness.stages.metrics import compute_metrics
-from saliency_robustness.stages.summary import attribute_coords
 from saliency_robustness.stores import write_store
 
 AFFINE_MODULE = '''
@@ -196,13 +191,14 @@ def test_external_stage_writes_a_model_directory_like_trainings(cifar_root: Path
     assert_within(model(images), affine(images), float_tolerance(torch.float32, operands.numpy(), terms=3 * 32 * 32 + 1))
     spec = json.loads((output / "spec.json").read_text())
     assert spec["method"] == "external" and spec["num_classes"] == 10 and spec["weights_sha256"] == external_weights_hash(entry, cifar_root)
-    assert math.isnan(ModelSpec.from_json((output / "spec.json").read_text()).strength)
+    assert ModelSpec.from_json((output / "spec.json").read_text()).strength is None  # nothing the pipeline set
     performance = json.loads((output / "test_accuracy.json").read_text())
     assert performance["test_images"] == 8  # the fake test split
 
 
 def test_unusable_external_weights_give_one_line_naming_the_entry(cifar_root: Path, user_module: str, tmp_path: Path) -> None:
-    cnn = build_model(ModelSpec(name="c", architecture="mnist_cnn", lam=0.0, in_channels=3, image_size=32))
+    cnn = build_model(ModelSpec(name="c", architecture="mnist_cnn", method="gradnorm", strength=0.0,
+            in_channels=3, image_size=32, sensitivity="loss", p=2.0, seed=0, num_classes=10))
     state = cnn.state_dict()
     cases = {
         "unexpected keys": {**state, "extra.weight": torch.zeros(1)},
@@ -296,10 +292,3 @@ def test_robustbench_checkpoints_on_disk_load_through_the_library(cifar_root: Pa
         import_model(missing, cifar_root, tmp_path / "o", weights_sha256="")
 
 
-def test_figures_against_lambda_need_gradnorm_models() -> None:
-    from saliency_robustness.stages.figures import FIGURES, LAMBDA_FIGURES, figures_for
-
-    assert figures_for(["gradnorm", "external"]) == list(FIGURES)
-    external_only = figures_for(["external"])
-    assert LAMBDA_FIGURES.isdisjoint(external_only) and "alignment_vs_robustness" in external_only
-    assert figures_for(["adversarial"]) == external_only

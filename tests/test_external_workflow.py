@@ -76,7 +76,20 @@ def external_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     torch.manual_seed(0)
     affine = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     torch.save(affine.state_dict(), data_root / "checkpoints" / "affine.pt")
-    cnn = build_model(ModelSpec(name="cnn", architecture="mnist_cnn", lam=0.0, in_channels=3, image_size=32, seed=3))
+    cnn = build_model(
+        ModelSpec(
+            name="cnn",
+            architecture="mnist_cnn",
+            method="gradnorm",
+            strength=0.0,
+            in_channels=3,
+            image_size=32,
+            seed=3,
+            sensitivity="loss",
+            p=2.0,
+            num_classes=10,
+        )
+    )
     torch.save(cnn.state_dict(), data_root / "checkpoints" / "cnn.pt")
     user_code = root / "user_code"
     user_code.mkdir()

@@ -29,12 +29,13 @@ from conftest import (
     logit_operands,
     reduction_terms,
 )
-from saliency_robustness.config import model_grid, validate_config
+from saliency_robustness.architectures import IMAGENET_STD
+from saliency_robustness.config import validate_config
 from saliency_robustness.data import InputSpace, build_eval_dataset, open_split
 from saliency_robustness.errors import ConfigError, DataError
+from saliency_robustness.grid import model_grid
 from saliency_robustness.models import (
     CHECKPOINT,
-    IMAGENET_STD,
     ModelSpec,
     build_model,
     load_initial_weights,
@@ -170,7 +171,7 @@ def test_decoding_once_gives_the_evaluation_images_of_decoding_per_epoch(folder_
 
 
 def test_decoding_once_reads_each_file_once_and_only_the_files_used(folder_root: Path, monkeypatch) -> None:  # noqa: ANN001
-    from saliency_robustness import data as data_module
+    from saliency_robustness import imagefolder as data_module
 
     reads: list[str] = []
     load = data_module._load_image
@@ -252,7 +253,9 @@ def test_real_cifar10_jpeg_files_read_as_the_cifar10_config_reads_them() -> None
 
 
 def resnet_spec(architecture: str = "resnet_small", weights: str | None = None, num_classes: int = 3, seed: int = 0) -> ModelSpec:
-    return ModelSpec(name="m", architecture=architecture, lam=0.0, seed=seed, num_classes=num_classes, in_channels=3, image_size=32, weights=weights)
+    return ModelSpec(name="m", architecture=architecture, method="gradnorm", strength=0.0,
+            seed=seed, num_classes=num_classes, in_channels=3, image_size=32,
+            weights=weights, sensitivity="loss", p=2.0)
 
 
 @pytest.mark.parametrize("architecture", ["resnet_small", "resnet50"])
@@ -409,7 +412,7 @@ def test_train_stage_starts_from_the_configured_weights(folder_root: Path, tmp_p
     torch.save(initial.backbone.state_dict(), tmp_path / "init.pt")
     s = stage_settings(optimizer="sgd", learning_rate=1e-9, momentum=0.0, weight_decay=0.0)
     model = {**s["model"], "weights": str(tmp_path / "init.pt")}
-    spec = model_spec("gradnorm-lambda0.01", 0.01, s["dataset"], model, s["train"])
+    spec = model_spec(name="gradnorm-lambda0.01", method="gradnorm", strength=0.01, dataset=s["dataset"], model=model, train=s["train"])
     train_stage(spec=spec, dataset=s["dataset"], train=s["train"], data_root=folder_root, output=tmp_path / "out")
     trained = load_model(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "spec.json").read_text())["weights"] == str(tmp_path / "init.pt")
@@ -420,7 +423,9 @@ def test_train_stage_starts_from_the_configured_weights(folder_root: Path, tmp_p
 
 def test_folder_with_other_class_count_than_the_model_is_rejected(folder_root: Path, tmp_path: Path) -> None:
     s = stage_settings()
-    spec = model_spec("gradnorm-lambda0", 0.0, s["dataset"], {**s["model"], "num_classes": 10}, s["train"])
+    spec = model_spec(
+        name="gradnorm-lambda0", method="gradnorm", strength=0.0, dataset=s["dataset"], model={**s["model"], "num_classes": 10}, train=s["train"]
+    )
     with pytest.raises(ConfigError, match="model.num_classes is 10 but the dataset has 3 class folders"):
         train_stage(spec=spec, dataset=s["dataset"], train=s["train"], data_root=folder_root, output=tmp_path / "out")
 
@@ -432,7 +437,8 @@ from saliency_robustness.stages.training import model_spec, train_stage
 torch.set_num_threads(1)
 configure_logging()
 s = json.loads(sys.argv[1])
-train_stage(spec=model_spec("gradnorm-lambda0.01", 0.01, s["dataset"], s["model"], s["train"]), dataset=s["dataset"],
+train_stage(spec=model_spec(name="gradnorm-lambda0.01", method="gradnorm", strength=0.01, dataset=s["dataset"], model=s["model"],
+                             train=s["train"]), dataset=s["dataset"],
             train=s["train"], data_root=s["data_root"], output=s["output"], resume_file=s["resume_file"], resume_key="k")
 """
 

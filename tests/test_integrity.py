@@ -226,7 +226,8 @@ def test_the_shipped_ensembles_build() -> None:
 
 def test_a_figure_with_no_finite_value_is_one_line_naming_model_and_variable(tmp_path: Path) -> None:
     from saliency_robustness.stages.figures import check_plottable
-    from saliency_robustness.stages.summary import SUBSETS, SUMMARISED
+    from saliency_robustness.stages.summary import SUMMARISED
+    from saliency_robustness.vocabulary import SUBSETS
 
     summary = xr.Dataset(
         {

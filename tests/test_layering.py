@@ -1,4 +1,4 @@
-"""The package's layering (README, "How it is built"): stages import the base modules, never
+"""The package's layering (docs/architecture.md): stages import the base modules, never
 each other, and no base module imports a stage. Read from the source, like the stage
 fingerprints, so that a new import that breaks the layering fails here."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from saliency_robustness.config import PACKAGE_DIR, imported_modules
+from saliency_robustness.fingerprints import PACKAGE_DIR, imported_modules
 
 STAGES = sorted(f"stages.{path.stem}" for path in (PACKAGE_DIR / "stages").glob("*.py") if path.stem != "__init__")
 BASE = sorted(path.stem for path in PACKAGE_DIR.glob("*.py") if path.stem != "__init__")
@@ -30,7 +30,7 @@ def test_no_base_module_imports_a_stage(module: str) -> None:
 
 
 def test_the_rule_would_catch_a_stage_importing_a_stage(tmp_path, monkeypatch) -> None:  # noqa: ANN001
-    from saliency_robustness import config as config_module
+    from saliency_robustness import fingerprints as config_module
 
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages" / "__init__.py").write_text("")

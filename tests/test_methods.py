@@ -11,25 +11,25 @@ import pytest
 import xarray as xr
 from scipy.stats import spearmanr
 
-from conftest import assert_within, draw_figure, float_tolerance, source_attrs
-from saliency_robustness.config import MODEL_NAME_PATTERN, model_name, validate_config
+from conftest import assert_within, float_tolerance, source_attrs, write_summary
+from saliency_robustness.config import validate_config
 from saliency_robustness.data import MNIST_INPUT_SPACE, eval_dataset
 from saliency_robustness.errors import ConfigError
 from saliency_robustness.models import ModelSpec, save_machine
-from saliency_robustness.stages.figures import FIGURES
-from saliency_robustness.stages.summary import BootstrapOptions, summary_stage
+from saliency_robustness.statistics import BootstrapOptions
 from saliency_robustness.stores import write_store
+from saliency_robustness.vocabulary import ADVERSARIAL, GRADIENT, GRADNORM, MODEL_NAME_PATTERN, grid_point_name, model_name
 
 N = 24
-OPTIONS = BootstrapOptions(n_resamples=300, seed=0)
-GRID = [("gradnorm", 0.0), ("gradnorm", 1.0), ("adversarial", 0.5), ("adversarial", 2.0)]
+OPTIONS = BootstrapOptions(n_resamples=300, confidence_level=0.95, seed=0)
+GRID = [(GRADNORM, 0.0), (GRADNORM, 1.0), (ADVERSARIAL, 0.5), (ADVERSARIAL, 2.0)]
 SEEDS = [0, 1]
-ATTRIBUTIONS = ["gradient", "smoothgrad", "integrated_gradients"]
+ATTRIBUTIONS = [GRADIENT, "smoothgrad", "integrated_gradients"]
 
 
 def fake_metrics(method: str, strength: float, i: int) -> xr.Dataset:
     rng = np.random.default_rng(i)
-    robustness = rng.gamma(2.0, 0.5 + (strength if method == "gradnorm" else 0.5 * strength), N)
+    robustness = rng.gamma(2.0, 0.5 + (strength if method == GRADNORM else 0.5 * strength), N)
     alignment = 0.5 * robustness + rng.normal(0, 0.05, N)
     per_image = {q: rng.uniform(0.1, 1.0, N) for q in (
         "alignment_cosine", "linearized_robustness", "homogeneity", "homogeneous_term", "bias_term_signed",
@@ -50,13 +50,12 @@ def mixed(tmp_path_factory):  # noqa: ANN001, ANN201
     eval_store = write_store(eval_dataset(images, np.arange(N) % 10, np.arange(N), MNIST_INPUT_SPACE), root / "eval.zarr")
     models, paths, dirs = [], [], []
     for i, ((method, strength), seed) in enumerate((p, s) for p in GRID for s in SEEDS):
-        model = model_name(strength, seed, method)
+        model = model_name(method, strength, seed)
         models.append(model)
         d = root / "models" / model
         d.mkdir(parents=True)
-        lam = strength if method == "gradnorm" else 0.0
-        epsilon = strength if method == "adversarial" else None
-        spec = ModelSpec(name=model, architecture="mnist_cnn", lam=lam, seed=seed, training={"seed": seed}, method=method, epsilon=epsilon)
+        spec = ModelSpec(name=model, architecture="mnist_cnn", method=method, strength=strength, sensitivity="loss", p=2.0, seed=seed,
+                         num_classes=10, in_channels=1, image_size=28, training={"seed": seed})  # fmt: skip
         (d / "spec.json").write_text(spec.to_json())
         (d / "test_accuracy.json").write_text(json.dumps({"test_accuracy": 0.95, "majority_class_share": 0.12}))
         save_machine(d, {"id": "test-machine"})
@@ -69,17 +68,7 @@ def mixed(tmp_path_factory):  # noqa: ANN001, ANN201
             coords={"attribution": ATTRIBUTIONS},
         )
         write_store(saliency.assign_attrs(source_attrs(d, eval_store)), root / "saliency" / f"{model}.zarr")
-    order = list(reversed(range(len(models))))  # stacking must sort by method, then strength
-    summary_stage(
-        models=[models[i] for i in order],
-        metrics_stores=[paths[i] for i in order],
-        model_dirs=[dirs[i] for i in order],
-        output_zarr=root / "summary.zarr",
-        output_csv=root / "summary.csv",
-        output_grid_csv=root / "summary_grid.csv",
-        output_trends_csv=root / "summary_trends.csv",
-        options=OPTIONS,
-    )
+    write_summary(root, models, paths, dirs, OPTIONS)  # stacking must sort by method, then strength
     return root, models
 
 
@@ -90,8 +79,10 @@ def test_models_are_stacked_by_method_then_strength_with_lambda_only_for_gradnor
     assert list(summary["method"].values) == [m for m, _ in GRID for _ in SEEDS]
     np.testing.assert_array_equal(summary["strength"].values, [s for _, s in GRID for _ in SEEDS])
     lam = summary["lam"].values
-    assert np.isnan(lam[summary["method"].values == "adversarial"]).all() and list(lam[:4]) == [0, 0, 1, 1]
+    assert np.isnan(lam[summary["method"].values == ADVERSARIAL]).all() and list(lam[:4]) == [0, 0, 1, 1]
     assert list(summary["grid_method"].values) == [m for m, _ in GRID]
+    assert list(summary["setting"].values) == [grid_point_name(m) for m in models]
+    assert list(summary["grid_point"].values) == [grid_point_name(model_name(m, s, 0)) for m, s in GRID]
 
 
 def test_each_attribution_map_is_a_summarised_quantity(mixed) -> None:  # noqa: ANN001
@@ -123,7 +114,7 @@ def test_trends_per_method_use_only_that_methods_models(mixed) -> None:  # noqa:
     assert trends[:3] == ["median alignment ~ median robustness", "lambda ~ median robustness", "lambda ~ median alignment"]
     assert {"epsilon ~ median robustness", "adversarial: median alignment ~ median robustness",
             "median alignment_smoothgrad ~ median robustness"} <= set(trends)  # fmt: skip
-    pgd = summary["method"].values == "adversarial"
+    pgd = summary["method"].values == ADVERSARIAL
     medians = summary["model_median"].sel(quantity="robustness").values[pgd]
     expected = spearmanr(summary["strength"].values[pgd], medians).statistic
     # Pearson's correlation of ranks (sums of small integers, exact) from a few float64 operations at magnitude <= 1
@@ -134,17 +125,14 @@ def test_trends_per_method_use_only_that_methods_models(mixed) -> None:  # noqa:
     assert int(summary["trend_points"].sel(trend="median alignment ~ median robustness")) == len(models)
 
 
-@pytest.mark.parametrize("figure", sorted(FIGURES))
-def test_every_figure_is_drawn_from_a_two_method_summary(mixed, figure: str) -> None:  # noqa: ANN001
-    draw_figure(*mixed, figure)
 
 
 def test_model_names_say_the_method_and_match_the_wildcard() -> None:
     import re
 
-    assert model_name(1.5, 0, "adversarial") == "pgd-eps1.5-seed0" and model_name(0.3, 2) == "gradnorm-lambda0.3-seed2"
+    assert model_name(ADVERSARIAL, 1.5, 0) == "pgd-eps1.5-seed0" and model_name(GRADNORM, 0.3, 2) == "gradnorm-lambda0.3-seed2"
     assert all(re.fullmatch(MODEL_NAME_PATTERN, n) for n in ("pgd-eps1.5-seed0", "gradnorm-lambda1e-05-seed3"))
     with pytest.raises(ConfigError, match="train.adversarial.epsilons"):
-        from saliency_robustness.config import model_grid
+        from saliency_robustness.grid import model_grid
 
         model_grid(validate_config({"experiment": "x", "train": {"method": "adversarial"}}))

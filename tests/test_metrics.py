@@ -20,8 +20,9 @@ from conftest import (
     quotient_tolerance,
     reduction_terms,
 )
+from saliency_robustness.architectures import resnet_small
 from saliency_robustness.errors import PipelineError, StoreError
-from saliency_robustness.models import load_model, resnet_small
+from saliency_robustness.models import load_model
 from saliency_robustness.stages.metrics import METRICS, compute_metrics, metrics_stage
 from saliency_robustness.stages.saliency import AttributionOptions, saliency_stage
 from saliency_robustness.stores import computed_from, open_store, write_store
@@ -203,7 +204,7 @@ def test_homogeneous_decomposition_remainder_equals_bias_sum(batchnorm: bool) ->
 
 def test_homogeneous_decomposition_of_a_resnet_with_residuals_and_inplace_relus() -> None:
     torch.manual_seed(6)
-    model = randomize_batchnorm(resnet_small(in_channels=3, num_classes=10), seed=7)
+    model = randomize_batchnorm(resnet_small(in_channels=3, num_classes=10, image_size=32), seed=7)
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(8))
     assert_decomposition_exact(compute_metrics(model, images, batch_size=4), model, images)
 
@@ -441,7 +442,9 @@ def test_every_attribution_maps_alignment_is_measured_against_the_same_image(sto
     """|<x, a>| / ||a|| and its cosine, recomputed here from the stored maps and images, for
     every method of the saliency store, with the IG completeness error carried over."""
     saliency = tmp_path / "all-methods.zarr"
-    options = AttributionOptions(methods=["smoothgrad", "integrated_gradients"], smoothgrad={"n": 4, "sigma": 0.1})
+    options = AttributionOptions(
+        methods=["smoothgrad", "integrated_gradients"], smoothgrad={"n": 4, "sigma": 0.1}, integrated_gradients={"baseline": "zero", "steps": 32}
+    )
     saliency_stage(model_dir=stores["model_dir"], eval_store=stores["eval"], output=saliency, batch_size=5, attributions=options)
     ds = run_metrics_stage(stores, saliency=saliency)
     maps = xr.open_zarr(saliency)["attribution_map"]

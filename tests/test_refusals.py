@@ -15,11 +15,12 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import REPO, assert_within, float_tolerance
-from saliency_robustness.config import external_weights_hash, validate_config
+from conftest import REPO, assert_within, float_tolerance, mnist_cnn_spec
+from saliency_robustness.config import validate_config
 from saliency_robustness.data import MNIST_INPUT_SPACE, eval_dataset, open_split
 from saliency_robustness.errors import ConfigError, DataError, PipelineError
-from saliency_robustness.models import ModelSpec, build_model, save_model
+from saliency_robustness.fingerprints import external_weights_hash
+from saliency_robustness.models import build_model, save_model
 from saliency_robustness.stages.attacks import attack_stage
 from saliency_robustness.stages.external import external_stage
 from saliency_robustness.stores import write_store
@@ -150,7 +151,7 @@ def test_attack_settings_are_checked_by_value_before_any_job(tmp_path, attack: s
 
 def test_an_attack_that_verifies_no_image_is_an_error_not_a_silent_drop(tmp_path) -> None:  # noqa: ANN001
     """A model whose logits do not depend on the input: no attack can move any image."""
-    spec = ModelSpec(name="gradnorm-lambda0-seed0", architecture="mnist_cnn", lam=0.0, image_size=8)
+    spec = mnist_cnn_spec("gradnorm-lambda0-seed0", image_size=8)
     model = build_model(spec)
     with torch.no_grad():
         for parameter in model.parameters():

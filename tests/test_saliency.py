@@ -110,7 +110,9 @@ def test_saliency_rejects_images_without_four_dims() -> None:
 
 # --- attribution methods through Captum (docs/spec.md §2) ---
 
-ALL_METHODS = AttributionOptions(methods=["smoothgrad", "integrated_gradients"], integrated_gradients={"baseline": "zero", "steps": 16})
+ALL_METHODS = AttributionOptions(
+    methods=["smoothgrad", "integrated_gradients"], smoothgrad={"n": 25, "sigma": 0.15}, integrated_gradients={"baseline": "zero", "steps": 16}
+)
 
 
 def bias_free_relu_net() -> nn.Module:
@@ -167,7 +169,7 @@ def test_black_baseline_starts_at_pixel_zero() -> None:
     space = InputSpace(pixel_offset=(0.25,))
     maps = {}
     for baseline in ("zero", "black"):
-        options = AttributionOptions(methods=["integrated_gradients"], integrated_gradients={"baseline": baseline, "steps": 4})
+        options = AttributionOptions(methods=["integrated_gradients"], smoothgrad={}, integrated_gradients={"baseline": baseline, "steps": 4})
         ds = compute_saliency(model, x, device="cpu", attributions=options, space=space)
         maps[baseline] = ds["attribution_map"].sel(attribution="integrated_gradients").values
     # float64: (x - baseline) w times 4 quadrature weights summing to 1, for each baseline; operands (|x| + |x + 0.25|) |w|

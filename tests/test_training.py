@@ -13,24 +13,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from conftest import assert_within, float_tolerance, tanh_mlp_operands
+from conftest import assert_within, float_tolerance, mnist_cnn_spec, tanh_mlp_operands
 from saliency_robustness.config import validate_config
 from saliency_robustness.data import InputSpace
 from saliency_robustness.errors import TrainingDiverged
 from saliency_robustness.models import CHECKPOINT, load_model
-from saliency_robustness.stages.training import (
-    PENALTY_EPS,
-    AdversarialTraining,
-    adversarial_batch,
-    epoch_loader,
-    epoch_seed,
-    fit,
-    input_gradient_penalty,
-    model_spec,
-    pgd_l2,
-    regularized_loss,
-    train_stage,
-)
+from saliency_robustness.pgd import AdversarialTraining, adversarial_batch, pgd_l2
+from saliency_robustness.regularizers import PENALTY_EPS, input_gradient_penalty, regularized_loss
+from saliency_robustness.stages.training import fit, model_spec, train_stage
+from saliency_robustness.training_data import epoch_loader, epoch_seed
+
+#: the schema's training defaults (exact penalty of the squared cross-entropy gradient norm)
+EXACT = {"sensitivity": "loss", "p": 2.0, "penalty_gradient": "exact", "finite_difference_step": 0.01}
+
+
+def pgd_options(epsilon: float, steps: int, *, random_start: bool = True, clean_fraction: float = 0.0) -> AdversarialTraining:
+    return AdversarialTraining(epsilon=epsilon, steps=steps, step_size=None, random_start=random_start, clean_fraction=clean_fraction)
 
 
 def smooth_model(dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -80,7 +78,7 @@ def test_regularized_loss_is_mean_cross_entropy_plus_lambda_mean_penalty() -> No
     model = smooth_model()
     x = torch.randn(6, 1, 3, 4, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 1, 0, 2])
-    terms = regularized_loss(model, x, y, lam=0.37)
+    terms = regularized_loss(model, x, y, lam=0.37, **EXACT)
     expected = F.cross_entropy(model(x), y) + 0.37 * per_example_penalty(model, x, y, "loss", 2.0).mean()
     # cross-entropy logsumexp - logit_y: each logit within its operands' rounding, each term within max |logit| + log C
     logit_operands, _, n = tanh_mlp_operands(model, x)
@@ -97,7 +95,7 @@ def test_parameter_gradient_of_regularized_loss_matches_finite_differences() -> 
     lam = 0.5
 
     def objective() -> torch.Tensor:
-        return regularized_loss(model, x, y, lam=lam).loss
+        return regularized_loss(model, x, y, lam=lam, **EXACT).loss
 
     model.zero_grad()
     objective().backward()
@@ -119,7 +117,7 @@ def test_parameter_gradient_of_regularized_loss_matches_finite_differences() -> 
 def penalty_parameter_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **options: object) -> torch.Tensor:
     """The parameter gradient of the mean penalty alone (lambda's factor), flattened."""
     model.zero_grad()
-    terms = regularized_loss(model, x, y, lam=1.0, **options)  # type: ignore[arg-type]
+    terms = regularized_loss(model, x, y, lam=1.0, **{**EXACT, **options})  # type: ignore[arg-type]
     (terms.loss - F.cross_entropy(model(x), y)).backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -151,9 +149,9 @@ def test_finite_difference_penalty_on_the_paper_cnn_with_dropout() -> None:
     With a step too small to cross a ReLU or max-pool kink it equals the exact gradient; at the
     default step h = 0.01 kinks are crossed and it is an estimate: within 15 % and cosine > 0.99
     of the exact one here (measured 8.7 % and 0.996; the stated tolerance)."""
-    from saliency_robustness.models import ModelSpec, build_model
+    from saliency_robustness.models import build_model
 
-    model = build_model(ModelSpec(name="m", architecture="mnist_cnn", lam=0.0)).double().train()
+    model = build_model(mnist_cnn_spec("m")).double().train()
     g = torch.Generator().manual_seed(5)
     x, y = torch.rand(16, 1, 28, 28, dtype=torch.float64, generator=g), torch.randint(0, 10, (16,), generator=g)
     torch.manual_seed(11)
@@ -176,7 +174,7 @@ def test_on_device_batches_are_the_loaders_batches() -> None:
     very batches of the DataLoader path, so both train alike (and earlier results stay valid)."""
     from torch.utils.data import Subset
 
-    from saliency_robustness.stages.training import DeviceBatches, in_memory_tensors, training_batches
+    from saliency_robustness.training_data import DeviceBatches, in_memory_tensors, training_batches
 
     _, ds = tiny_problem()
     subset = Subset(ds, [3, 1, 4, 15, 9, 26, 5, 35, 8, 9, 7, 31, 0, 2, 38])
@@ -278,7 +276,7 @@ def run_train_stage(tmp_path, data_root, lam: float, **train_overrides: object):
     s = mnist_settings(**train_overrides)
     out = tmp_path / f"model-{lam:g}"
     train_stage(
-        spec=model_spec(f"gradnorm-lambda{lam:g}", lam, s["dataset"], s["model"], s["train"]),
+        spec=model_spec(name=f"gradnorm-lambda{lam:g}", method="gradnorm", strength=lam, dataset=s["dataset"], model=s["model"], train=s["train"]),
         dataset=s["dataset"],
         train=s["train"],
         data_root=data_root,
@@ -323,7 +321,7 @@ def test_a_zero_input_gradient_has_finite_parameter_gradients_for_any_power(p: f
     torch.nn.init.zeros_(model[1].weight)  # the logits do not depend on x: g = 0
     x = torch.rand(5, 1, 4, 4, requires_grad=True)
     y = torch.tensor([0, 1, 2, 0, 1])
-    penalty = input_gradient_penalty(model(x), x, y, p=p)
+    penalty = input_gradient_penalty(model(x), x, y, sensitivity="loss", p=p)
     penalty.mean().backward()
     assert torch.isfinite(penalty).all()
     assert all(torch.isfinite(param.grad).all() for param in model.parameters())
@@ -351,7 +349,7 @@ def test_pgd_never_leaves_the_ball_or_the_box(epsilon: float, random_start: bool
     space = InputSpace(pixel_offset=(0.3,))  # input space [-0.3, 0.7]: the box binds for large epsilon
     x = torch.rand(32, 1, 3, 4) - 0.3
     y = torch.randint(0, 3, (32,))
-    options = AdversarialTraining(epsilon=epsilon, steps=10, random_start=random_start)
+    options = pgd_options(epsilon, 10, random_start=random_start)
     x_adv = pgd_l2(model, x, y, options, space.input_bounds())
     norms = (x_adv - x).flatten(1).norm(dim=1)
     # float32: the projection's norm and scaling (D terms) and x + delta, recomputed here as x_adv - x, at |x| + |delta|
@@ -368,7 +366,7 @@ def test_pgd_raises_the_loss_at_the_training_label() -> None:
     model, _ = tiny_problem()
     model.eval()
     x, y = torch.rand(64, 1, 3, 4), torch.randint(0, 3, (64,))
-    x_adv = pgd_l2(model, x, y, AdversarialTraining(epsilon=0.5, steps=10), InputSpace(pixel_offset=(0.0,)).input_bounds())
+    x_adv = pgd_l2(model, x, y, pgd_options(0.5, 10), InputSpace(pixel_offset=(0.0,)).input_bounds())
     with torch.no_grad():
         assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y) + 0.01
 
@@ -377,7 +375,7 @@ def test_adversarial_batch_attacks_in_eval_mode_keeps_the_clean_share_and_restor
     model, _ = tiny_problem()  # has dropout: in train mode two passes differ
     model.train()
     x, y = torch.rand(10, 1, 3, 4), torch.randint(0, 3, (10,))
-    options = AdversarialTraining(epsilon=0.5, steps=3, random_start=False, clean_fraction=0.3)
+    options = pgd_options(0.5, 3, random_start=False, clean_fraction=0.3)
     bounds = InputSpace(pixel_offset=(0.0,)).input_bounds()
     batch = adversarial_batch(model, x, y, options, bounds)
     assert all(module.training for module in model.modules())
@@ -397,18 +395,20 @@ def test_pgd_training_makes_a_tiny_model_more_robust() -> None:
     space = InputSpace(pixel_offset=(0.0,), pixel_bounds=(-5.0, 5.0))
     train = validate_config({"experiment": "t", "train": {"epochs": 10, "batch_size": 20, "learning_rate": 0.1}})["train"]
     medians = {}
-    for name, adversarial in (("plain", None), ("pgd", AdversarialTraining(epsilon=0.5, steps=5))):
+    for name, adversarial in (("plain", None), ("pgd", pgd_options(0.5, 5))):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 2))
         fit(model, TensorDataset(x, y), train, 0.0, device=torch.device("cpu"), adversarial=adversarial, space=space)
-        rho = run_attack(model, xt, space, attack="DDNAttack", kwargs={"steps": 100}, device="cpu")["perturbation_norm"].values
+        rho = run_attack(model, xt, space, attack="DDNAttack", kwargs={"steps": 100}, device="cpu", store_adversarials=True)[
+            "perturbation_norm"
+        ].values
         assert np.isfinite(rho).all()
         medians[name] = float(np.median(rho))
     assert medians["pgd"] > 2 * medians["plain"], medians
 
 
 def test_adversarial_models_are_named_and_specified_by_their_radius(tmp_path) -> None:  # noqa: ANN001
-    from saliency_robustness.config import model_grid, model_train_settings
+    from saliency_robustness.grid import model_grid, model_train_settings
 
     config = validate_config(
         {"experiment": "x", "train": {"method": ["gradnorm", "adversarial"], "lambdas": [0, 1], "adversarial": {"epsilons": [1.5]}, "seeds": [0, 1]}}
@@ -419,10 +419,12 @@ def test_adversarial_models_are_named_and_specified_by_their_radius(tmp_path) ->
         "pgd-eps1.5-seed0", "pgd-eps1.5-seed1",
     ]  # fmt: skip
     point = grid["pgd-eps1.5-seed1"]
-    assert (point.method, point.strength, point.lam, point.epsilon, point.seed) == ("adversarial", 1.5, 0.0, 1.5, 1)
+    assert (point.method, point.strength, point.seed) == ("adversarial", 1.5, 1)
     settings = model_train_settings(config["train"], point)
     assert settings["seed"] == 1 and "epsilons" not in settings["adversarial"] and "lambdas" not in settings
     # a gradnorm model's settings know nothing of PGD: adding a radius retrains no gradnorm model
     assert "adversarial" not in model_train_settings(config["train"], grid["gradnorm-lambda1-seed0"])
-    spec = model_spec("pgd-eps1.5-seed1", point.lam, config["dataset"], config["model"], settings, method="adversarial", epsilon=1.5)
-    assert (spec.method, spec.strength, spec.lam) == ("adversarial", 1.5, 0.0)
+    spec = model_spec(
+        name="pgd-eps1.5-seed1", method=point.method, strength=point.strength, dataset=config["dataset"], model=config["model"], train=settings
+    )
+    assert (spec.method, spec.strength, spec.penalty_weight) == ("adversarial", 1.5, 0.0)

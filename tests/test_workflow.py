@@ -17,7 +17,8 @@ import xarray as xr
 import yaml
 
 from conftest import REPO, linearized_robustness_tolerance
-from saliency_robustness.config import model_grid, validate_config
+from saliency_robustness.config import validate_config
+from saliency_robustness.grid import model_grid
 from saliency_robustness.models import load_model
 from saliency_robustness.runtime import machine
 from saliency_robustness.stages.figures import FIGURES
@@ -294,19 +295,19 @@ def test_beyond_the_paper_trains_both_routes_and_measures_every_attribution_map(
     assert list(metrics["attribution"].values) == ["gradient", "smoothgrad", "integrated_gradients"]
     assert np.isfinite(metrics["ig_completeness_error"].values).all()
     spec = json.loads((out / "models" / "pgd-eps1-seed0" / "spec.json").read_text())
-    assert (spec["method"], spec["epsilon"], spec["lam"]) == ("adversarial", 1.0, 0.0)
+    assert (spec["method"], spec["strength"]) == ("adversarial", 1.0) and "lam" not in spec and "epsilon" not in spec
     assert {png.stem for png in (out / "figures").glob("*.png")} == set(FIGURES)
-    assert "(adversarial, strength 1)" in (out / "logs" / "train" / "pgd-eps1-seed0.log").read_text()
+    assert "(adversarial, epsilon 1)" in (out / "logs" / "train" / "pgd-eps1-seed0.log").read_text()
 
 
-def test_an_ensemble_grid_trains_in_one_job_and_feeds_the_same_stages(tmp_path, data_root) -> None:  # noqa: ANN001
-    configfile = with_changes(tmp_path, "ensemble", train={"ensemble": True, "n_train": 500})
+def test_a_vectorized_grid_trains_in_one_job_and_feeds_the_same_stages(tmp_path, data_root) -> None:  # noqa: ANN001
+    configfile = with_changes(tmp_path, "vectorized", train={"vectorized": True, "n_train": 500})
     plan = planned_jobs(snakemake(tmp_path, configfile, "--dry-run", data_root=data_root))
-    assert plan["train_ensemble"] == 1 and "train" not in plan, plan
+    assert plan["train_vectorized"] == 1 and "train" not in plan, plan
     models = [f"results/{SMOKE['experiment']}/models/{m}" for m in model_grid(validate_config(SMOKE))]
     result = snakemake(tmp_path, configfile, *models, data_root=data_root)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     for model in models:
         assert {p.name for p in (tmp_path / model).iterdir()} >= {"model.pt", "spec.json", "training_log.csv", "test_accuracy.json"}
     plan = planned_jobs(snakemake(tmp_path, configfile, "--dry-run", data_root=data_root))
-    assert "train_ensemble" not in plan and plan["saliency"] == len(models), plan
+    assert "train_vectorized" not in plan and plan["saliency"] == len(models), plan

@@ -40,9 +40,10 @@ import xarray as xr
 
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # foolbox imports git
 
-from saliency_robustness.config import load_config, model_grid  # noqa: E402
+from saliency_robustness.config import load_config  # noqa: E402
 from saliency_robustness.data import InputSpace, build_eval_dataset, eval_tensors  # noqa: E402
 from saliency_robustness.ensemble import PixelModel, predict, run_ensemble, verify_adversarials  # noqa: E402
+from saliency_robustness.grid import model_grid  # noqa: E402
 from saliency_robustness.models import load_model  # noqa: E402
 from saliency_robustness.robustness import combine_attacks, smallest_verified  # noqa: E402
 from saliency_robustness.stages.training import model_spec, train_stage  # noqa: E402
@@ -161,7 +162,7 @@ def model_dirs(args: argparse.Namespace, config: Mapping[str, Any], scratch: Pat
         dirs = []
         for lam in args.train:
             name = f"bench-lambda{lam:g}"
-            spec = model_spec(name, lam, config["dataset"], config["model"], config["train"])
+            spec = model_spec(name=name, method="gradnorm", strength=lam, dataset=config["dataset"], model=config["model"], train=config["train"])
             train_stage(spec=spec, dataset=config["dataset"], train=config["train"], data_root=args.data_root, output=scratch / name)
             dirs.append(scratch / name)
         return dirs

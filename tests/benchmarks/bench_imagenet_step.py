@@ -20,8 +20,12 @@ import time
 import torch
 
 from saliency_robustness.models import ModelSpec, build_model
+from saliency_robustness.optimization import freeze_batchnorm, make_optimizer
+from saliency_robustness.regularizers import regularized_loss
 from saliency_robustness.runtime import full_precision, resolve_device
-from saliency_robustness.stages.training import freeze_batchnorm, make_optimizer, regularized_loss
+
+#: the schema's training defaults (exact penalty of the squared cross-entropy gradient norm)
+EXACT = {"sensitivity": "loss", "p": 2.0, "penalty_gradient": "exact", "finite_difference_step": 0.01}
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -44,7 +48,7 @@ def time_steps(model: torch.nn.Module, lam: float, x: torch.Tensor, y: torch.Ten
             synchronize(device)
             start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        regularized_loss(model, x, y, lam=lam).loss.backward()
+        regularized_loss(model, x, y, lam=lam, **EXACT).loss.backward()
         optimizer.step()
     synchronize(device)
     seconds = (time.perf_counter() - start) / steps
@@ -65,7 +69,7 @@ def saved_mib_per_image(model: torch.nn.Module, lam: float, x: torch.Tensor, y: 
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            regularized_loss(model, x[:n], y[:n], lam=lam)
+            regularized_loss(model, x[:n], y[:n], lam=lam, **EXACT)
         return sum(storages.values())
 
     model.train()
@@ -106,7 +110,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = resolve_device()
 
-    spec = ModelSpec(name="bench", architecture=args.architecture, lam=0.0, num_classes=1000, in_channels=3, image_size=args.image_size)
+    spec = ModelSpec(
+        name="bench",
+        architecture=args.architecture,
+        method="gradnorm",
+        strength=0.0,
+        num_classes=1000,
+        in_channels=3,
+        image_size=args.image_size,
+        sensitivity="loss",
+        p=2.0,
+        seed=0,
+    )
     model = build_model(spec).to(device)
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) - 0.45
     y = torch.randint(0, 1000, (args.batch_size,), device=device)

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from saliency_robustness.architectures import MnistCNN
 from saliency_robustness.data import load_mnist
-from saliency_robustness.models import MnistCNN
 from saliency_robustness.runtime import resolve_device
 from saliency_robustness.stages.metrics import compute_metrics
 from saliency_robustness.stages.saliency import compute_saliency
@@ -76,7 +76,7 @@ def main() -> None:
     else:
         images, source = torch.rand(args.n, 1, 28, 28), "uniform noise images"
     torch.manual_seed(0)
-    model = MnistCNN().to(device).eval()
+    model = MnistCNN(in_channels=1, num_classes=10, image_size=28).to(device).eval()
     images = images.to(device)
 
     runs: dict[str, Callable[[], object]] = {

@@ -23,7 +23,8 @@ import torch
 from saliency_robustness.config import load_config
 from saliency_robustness.data import open_split, seeded_subset
 from saliency_robustness.models import build_model
-from saliency_robustness.stages.training import fit, model_spec, training_batches
+from saliency_robustness.stages.training import fit, model_spec
+from saliency_robustness.training_data import training_batches
 
 
 def time_loading(config: dict, data_root: str, epochs: int = 2) -> None:
@@ -78,7 +79,7 @@ def main() -> None:
     runs = [(lam, method) for lam in args.lambdas for method in (["-"] if lam == 0 else args.penalty_gradients)]
     for lam, method in runs:
         settings = {**train, "penalty_gradient": "exact" if method == "-" else method}
-        spec = model_spec("bench", lam, config["dataset"], config["model"], settings)
+        spec = model_spec(name="bench", method="gradnorm", strength=lam, dataset=config["dataset"], model=config["model"], train=settings)
         model = build_model(spec)
         start = time.perf_counter()
         fit(model, train_set, settings, lam, device=device)

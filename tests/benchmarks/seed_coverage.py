@@ -25,20 +25,19 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from saliency_robustness.stacking import load_stacked
 from saliency_robustness.stages.summary import (
-    SUBSETS,
-    BootstrapOptions,
     _grid_points,
     _masked,
     grid_statistics,
     healthy_models,
-    hierarchical_bootstrap,
-    load_stacked,
     quantities,
     subset_mask,
     trend_statistics,
     trends,
 )
+from saliency_robustness.statistics import BootstrapOptions, hierarchical_bootstrap
+from saliency_robustness.vocabulary import SUBSETS
 
 
 def former_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> tuple[xr.Dataset, xr.Dataset]:
@@ -96,13 +95,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed-sets", nargs="+", required=True, help="disjoint seed sets, e.g. 0,1,2 3,4,5")
     parser.add_argument("--quantities", nargs="+", default=["robustness", "alignment"])
     parser.add_argument("--n-resamples", type=int, default=2000)
+    parser.add_argument("--confidence-level", type=float, default=0.95)
     parser.add_argument("--csv", type=Path, help="write every estimate and interval here")
     args = parser.parse_args(argv)
     metrics = sorted(p for root in args.results for p in (root / "metrics").glob("*.zarr"))
     models = [p.stem for p in metrics]
     model_dirs = [p.parent.parent / "models" / p.stem for p in metrics]
     stacked = load_stacked(models, metrics, model_dirs)
-    options = BootstrapOptions(n_resamples=args.n_resamples)
+    options = BootstrapOptions(n_resamples=args.n_resamples, confidence_level=args.confidence_level, seed=0)
     machines = sorted(set(stacked["machine"].values))
     print(f"{len(models)} models from {', '.join(map(str, args.results))}; machines: {', '.join(machines)}")
 

@@ -23,7 +23,8 @@ import xarray as xr
 import yaml
 
 from conftest import REPO
-from saliency_robustness.config import model_grid, validate_config
+from saliency_robustness.config import validate_config
+from saliency_robustness.grid import model_grid
 from saliency_robustness.stages.figures import FIGURES
 from saliency_robustness.stores import open_store
 from test_workflow import planned_jobs

@@ -1,24 +1,31 @@
-# Config validation, the model grid, stage versions, and input functions.
+# Config validation, the model grid, stage versions, and input functions. Parsing imports no
+# torch, Foolbox or plotting library: every invocation, and every cluster job, parses this.
 import re
 import sys
 
-from saliency_robustness.config import (
-    DATASET_CLASSES,
-    EXTERNAL,
-    MODEL_NAME_PATTERN,
+from saliency_robustness.config import DATASET_CLASSES, validate_config
+from saliency_robustness.errors import PipelineError
+from saliency_robustness.figure_list import figures_for
+from saliency_robustness.fingerprints import (
+    checked_once,
     code_fingerprint,
-    export_package_path,
-    external_models,
     external_weights_hash,
     fingerprint,
-    model_grid,
-    model_train_settings,
+    module_closure,
+    package_versions,
     stage_modules,
-    train_methods,
-    validate_config,
 )
-from saliency_robustness.errors import PipelineError
-from saliency_robustness.stages import figures
+from saliency_robustness.grid import external_models, model_grid, model_train_settings, train_methods
+from saliency_robustness.job_environment import export_package_path
+from saliency_robustness.vocabulary import EXTERNAL, GRADNORM, MODEL_NAME_PATTERN
+
+
+def check_attacks(ensemble, num_classes):
+    """Build every attack of the ensemble (imports torch and Foolbox: seconds)."""
+    from saliency_robustness.ensemble import check_ensemble
+
+    check_ensemble(ensemble, num_classes)
+
 
 try:
     _validated = validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -26,18 +33,28 @@ try:
     EXTERNAL_MODELS = external_models(_validated)  # models.external: name -> entry
     # what an external model is: the content of its weights, not where they lie or when they changed
     WEIGHTS_SHA256 = {name: external_weights_hash(entry, _validated["data_root"]) for name, entry in EXTERNAL_MODELS.items()}
-    if workflow.is_main_process:  # once per run, not in every job: building attacks imports torch
-        from saliency_robustness.ensemble import check_ensemble
-
+    if workflow.is_main_process:  # once per run, not in every (cluster) job
         # candidates checked against the class count of the built-in datasets (a folder's is
-        # known once the data job has listed it)
-        check_ensemble(_validated["attacks"]["ensemble"], DATASET_CLASSES.get(_validated["dataset"]["kind"]))
+        # known once the data job has listed it); a verdict is kept per settings, checking
+        # code and package versions, so that only a change pays for the imports again
+        _ensemble, _classes = _validated["attacks"]["ensemble"], DATASET_CLASSES.get(_validated["dataset"]["kind"])
+        checked_once(
+            ".snakemake/saliency_robustness",
+            "attack-ensemble",
+            {
+                "ensemble": _ensemble,
+                "classes": _classes,
+                "code": code_fingerprint(module_closure("ensemble")),
+                "packages": package_versions("foolbox", "torch", "numba"),
+            },
+            lambda: check_attacks(_ensemble, _classes),
+        )
 except PipelineError as error:
     sys.exit(f"error: {error}")
 config.clear()
 config.update(_validated)
 
-export_package_path()
+export_package_path()  # jobs import this checkout's package, wherever they run
 
 ENV = "../../envs/pipeline.yaml"
 RESULTS = f"results/{config['experiment']}"
@@ -51,7 +68,7 @@ EXTERNAL_NAME_PATTERN = "|".join(re.escape(name) for name in EXTERNAL_MODELS) or
 ATTACKS = config["attacks"]["ensemble"]  # name -> {attack, kwargs, refine}
 ATTACK_NAMES = sorted(ATTACKS)  # sorted: the config's key order must not look like a change
 BASE_ATTACKS = [name for name in ATTACK_NAMES if not ATTACKS[name]["refine"]]
-FIGURES = figures.figures_for([*train_methods(config["train"]), *([EXTERNAL] if EXTERNAL_MODELS else [])])
+FIGURES = figures_for([*train_methods(config["train"]), *([EXTERNAL] if EXTERNAL_MODELS else [])])
 
 
 wildcard_constraints:
@@ -85,11 +102,11 @@ def model_dir(model):
     return f"{RESULTS}/models/{model}"
 
 
-# train.ensemble: the gradnorm models of the grid train in one job (rule train_ensemble)
-ENSEMBLE = [m for m, point in GRID.items() if point.method == "gradnorm"] if config["train"]["ensemble"] else []
+# train.vectorized: the gradnorm models of the grid train in one job (rule train_vectorized)
+VECTORIZED = [m for m, point in GRID.items() if point.method == GRADNORM] if config["train"]["vectorized"] else []
 # the models the per-model train rule makes
 TRAIN_PATTERN = (
-    "|".join(re.escape(m) for m in GRID if m not in ENSEMBLE) or "(?!)" if ENSEMBLE else MODEL_NAME_PATTERN
+    "|".join(re.escape(m) for m in GRID if m not in VECTORIZED) or "(?!)" if VECTORIZED else MODEL_NAME_PATTERN
 )
 
 
@@ -102,8 +119,7 @@ def model_settings(model):
     return canonical({
         "name": model,
         "method": point.method,
-        "lam": point.lam,
-        "epsilon": point.epsilon,
+        "strength": point.strength,
         "dataset": dataset_identity(),
         "model": config["model"],
         "train": model_train_settings(config["train"], point),

@@ -22,18 +22,18 @@ rule train:
         "../scripts/train.py"
 
 
-# train.ensemble: the grid's gradnorm models in one job (stages/training.train_ensemble_stage);
+# train.vectorized: the grid's gradnorm models in one job (stages/training.train_vectorized_stage);
 # changing one lambda retrains them all
-if ENSEMBLE:
+if VECTORIZED:
 
-    rule train_ensemble:
+    rule train_vectorized:
         output:
-            [directory(f"{RESULTS}/models/{m}") for m in ENSEMBLE],
+            [directory(f"{RESULTS}/models/{m}") for m in VECTORIZED],
         params:
-            settings=[model_settings(m) for m in ENSEMBLE],
-            version=stage_version("train_ensemble", models=[model_settings(m) for m in ENSEMBLE]),
+            settings=[model_settings(m) for m in VECTORIZED],
+            version=stage_version("train_vectorized", models=[model_settings(m) for m in VECTORIZED]),
         log:
-            f"{LOGS}/train/ensemble.log",
+            f"{LOGS}/train/vectorized.log",
         threads: 1
         resources:
             mem_mb=16000,
@@ -42,7 +42,7 @@ if ENSEMBLE:
         conda:
             ENV
         script:
-            "../scripts/train_ensemble.py"
+            "../scripts/train_vectorized.py"
 
 
 # models.external: checkpoints the pipeline analyses without training (stages/external.py)

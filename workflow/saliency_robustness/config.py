@@ -1,38 +1,29 @@
-"""Configuration: schema validation with defaults, the model grid, and stage hashes.
-
-Every stage receives a hash of its own config subset and of the package modules it
-runs as a Snakemake ``params`` entry, so that exactly the changed stages rerun
-(Snakemake tracks a ``script:`` file but not the modules it imports).
-"""
+"""Configuration: the schema's validation, which fills in every default (the schema is the
+only place a default is written), and the rules across keys that the schema cannot state."""
 
 from __future__ import annotations
 
-import ast
 import copy
-import hashlib
-import json
 import math
-import os
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
-from saliency_robustness.errors import ConfigError, DataError, one_line
+from saliency_robustness.errors import ConfigError, one_line
+from saliency_robustness.grid import train_methods
+from saliency_robustness.vocabulary import MODEL_NAME_PATTERN
 
-PACKAGE = "saliency_robustness"
-PACKAGE_DIR = Path(__file__).resolve().parent
 # images per split of the built-in datasets: a subset larger than its split is a config error
 SPLIT_SIZES = {"mnist": {"train": 60000, "test": 10000}, "cifar10": {"train": 50000, "test": 10000}}
 DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
 #: class counts of the built-in datasets (an image folder has one class per folder)
 DATASET_CLASSES = {"mnist": 10, "cifar10": 10}
 MNIST_SPLIT_SIZES = SPLIT_SIZES["mnist"]
-SCHEMA_PATH = PACKAGE_DIR.parent / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
 
 def _with_defaults(validator_class: type) -> type:
@@ -65,8 +56,14 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(parts) or "<top level>"
 
 
+#: keys renamed since a release: old dotted key -> new one
+RENAMED_KEYS = {"train.ensemble": "train.vectorized"}
+
+
 def _message(error: jsonschema.ValidationError) -> str:
     key = _key_path(error)
+    if key in RENAMED_KEYS:
+        return f"config key '{key}' is now called '{RENAMED_KEYS[key]}'"
     if error.validator == "additionalProperties":
         return f"unknown config key '{key}'"
     if error.validator == "required":
@@ -144,39 +141,6 @@ def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None) ->
     return validate_config(raw)
 
 
-#: training method -> (its strength's config key, the model-name prefix before the strength)
-METHODS = {"gradnorm": ("lambdas", "gradnorm-lambda"), "adversarial": ("adversarial.epsilons", "pgd-eps")}
-# what a model name looks like (the Snakemake wildcard constraint is built from it)
-MODEL_NAME_PATTERN = "(?:" + "|".join(prefix for _, prefix in METHODS.values()) + r")[0-9.e+-]+-seed[0-9]+"
-
-
-@dataclass(frozen=True)
-class GridPoint:
-    """One model of the training grid: a training method, its strength and a replicate seed.
-
-    The strength is the regularization weight lambda for ``gradnorm`` and the radius epsilon of
-    the L2 ball for ``adversarial`` (PGD) training.
-    """
-
-    method: str
-    strength: float
-    seed: int
-
-    @property
-    def lam(self) -> float:
-        """The gradient-norm penalty's weight (0 for adversarially trained models)."""
-        return self.strength if self.method == "gradnorm" else 0.0
-
-    @property
-    def epsilon(self) -> float | None:
-        """The PGD radius (None for gradient-norm models)."""
-        return self.strength if self.method == "adversarial" else None
-
-
-#: the method of the models the pipeline did not train (``models.external``)
-EXTERNAL = "external"
-
-
 def check_external_models(config: Mapping[str, Any]) -> None:
     """The rules the schema cannot state: unique names unlike a trained model's, either
     ``architecture`` + ``weights`` or ``robustbench``, and at least one model in all."""
@@ -205,187 +169,3 @@ def resolve_path(path: str, data_root: str | Path) -> Path:
     return resolved if resolved.is_absolute() else Path(data_root).expanduser() / resolved
 
 
-def robustbench_files(robustbench: Mapping[str, Any], data_root: str | Path) -> list[Path]:
-    """The checkpoint file(s) ``robustbench.utils.load_model`` reads for the entry:
-    ``<model_dir>/<dataset>/<threat_model>/<name>.pt``, or ``<name>.pt_m<i>.pt`` for each
-    member of one of its ensembles."""
-    folder = resolve_path(robustbench["model_dir"], data_root) / robustbench["dataset"] / robustbench["threat_model"]
-    single = folder / f"{robustbench['name']}.pt"
-    members = []
-    while Path(f"{single}_m{len(members)}.pt").is_file():
-        members.append(Path(f"{single}_m{len(members)}.pt"))
-    return members if members and not single.is_file() else [single]
-
-
-def external_weight_files(entry: Mapping[str, Any], data_root: str | Path) -> list[Path]:
-    """The file(s) holding an external model's weights."""
-    if "robustbench" in entry:
-        return robustbench_files(entry["robustbench"], data_root)
-    return [resolve_path(entry["weights"], data_root)]
-
-
-def content_hash(files: Iterable[Path]) -> str:
-    """SHA-256 of the files' contents (not of their names or times)."""
-    digest = hashlib.sha256()
-    for path in files:
-        with path.open("rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
-
-
-def external_weights_hash(entry: Mapping[str, Any], data_root: str | Path) -> str:
-    """The content hash of an external model's weights; a missing file is a one-line error
-    naming the entry and the path."""
-    files = external_weight_files(entry, data_root)
-    for path in files:
-        what = "RobustBench checkpoint" if "robustbench" in entry else "weights file"
-        if path.is_dir():
-            raise DataError(f"external model {entry['name']!r}: {what} {path} is a directory; name the file in it")
-        if not path.is_file():
-            raise DataError(f"external model {entry['name']!r}: {what} {path} not found (relative paths are taken from data_root)")
-    return content_hash(files)
-
-
-def external_models(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Name -> entry of every ``models.external`` model, in the config's order."""
-    return {entry["name"]: dict(entry) for entry in config["models"]["external"]}
-
-
-def format_lambda(lam: float) -> str:
-    """The shortest text that reads back as ``lam`` (``-0.0`` as ``0``; ``10.0`` as ``10``),
-    so that distinct values always get distinct names."""
-    text = repr(float(lam) + 0.0)
-    return text.removesuffix(".0")
-
-
-def model_name(strength: float, seed: int = 0, method: str = "gradnorm") -> str:
-    """Readable wildcard value for the model trained by ``method`` with ``strength`` from ``seed``."""
-    return f"{METHODS[method][1]}{format_lambda(strength)}-seed{seed}"
-
-
-def train_seeds(train: Mapping[str, Any]) -> list[int]:
-    """The replicate seeds: ``train.seeds``, or ``[train.seed]`` for single-seed configs."""
-    return list(train["seeds"]) if train.get("seeds") is not None else [train["seed"]]
-
-
-def train_methods(train: Mapping[str, Any]) -> list[str]:
-    """``train.method`` as a list (one method or several)."""
-    method = train["method"]
-    return [method] if isinstance(method, str) else list(method)
-
-
-def method_strengths(train: Mapping[str, Any], method: str) -> list[float]:
-    """The strengths of ``method`` in the config's order (lambdas, or the PGD epsilons)."""
-    return list(train["lambdas"]) if method == "gradnorm" else list(train["adversarial"]["epsilons"])
-
-
-def model_grid(config: Mapping[str, Any]) -> dict[str, GridPoint]:
-    """Model name -> (method, strength, seed) for every method x strength x seed, in the
-    config's order (method-major, then strength)."""
-    train = config["train"]
-    grid: dict[str, GridPoint] = {}
-    for method in train_methods(train):
-        key = METHODS[method][0]
-        strengths = [float(v) + 0.0 for v in method_strengths(train, method)]
-        if not strengths:
-            raise ConfigError(f"config key 'train.{key}': empty, but train.method includes {method}")
-        for name, values in ((key, strengths), ("seeds", train_seeds(train))):
-            repeated = sorted({v for v in values if values.count(v) > 1})
-            if repeated:
-                raise ConfigError(f"config key 'train.{name}': {repeated[0]:g} appears twice")
-        for strength in strengths:
-            for seed in train_seeds(train):
-                grid[model_name(strength, seed, method)] = GridPoint(method, strength, int(seed))
-    return grid
-
-
-def model_train_settings(train: Mapping[str, Any], point: GridPoint) -> dict[str, Any]:
-    """The ``train`` section as one model of the grid sees it: its own seed, and none of the
-    grid's lists (other strengths, seeds or methods are not this model's settings), so that
-    adding a model to the grid retrains no other. PGD options belong to adversarial models only."""
-    settings = {k: v for k, v in train.items() if k not in ("lambdas", "seeds", "method", "adversarial")}
-    if point.method == "adversarial":
-        settings["adversarial"] = {k: v for k, v in train["adversarial"].items() if k != "epsilons"}
-    return {**settings, "seed": point.seed}
-
-
-def fingerprint(value: Any) -> str:
-    """Short stable hash of a JSON-serialisable value."""
-    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-SCRIPTS_DIR = PACKAGE_DIR.parent / "scripts"
-
-
-def module_file(module: str) -> Path | None:
-    """The source file of ``module`` (dotted, relative to the package: ``"stages.attacks"``),
-    or None when it is not a module of this package."""
-    base = PACKAGE_DIR.joinpath(*module.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
-def _imported_modules(source: str) -> set[str]:
-    """Modules of this package (dotted, relative to it) that ``source`` imports anywhere,
-    also inside functions; importing ``stages.x`` also runs ``stages/__init__.py``."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        names: list[str] = []
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        for name in names:
-            parts = name.split(".")
-            if parts[0] != PACKAGE:
-                continue
-            for end in range(2, len(parts) + 1):
-                module = ".".join(parts[1:end])
-                if module_file(module) is not None:
-                    found.add(module)
-    return found
-
-
-def imported_modules(module: str) -> set[str]:
-    """The package modules that ``module`` imports directly."""
-    path = module_file(module)
-    if path is None:
-        raise ValueError(f"{module!r} is not a module of {PACKAGE}")
-    return _imported_modules(path.read_text())
-
-
-def stage_modules(script: str) -> set[str]:
-    """The package modules the stage entry point ``workflow/scripts/<script>.py`` runs: its
-    imports and theirs, transitively. Derived from the source, so it cannot drift."""
-    todo = sorted(_imported_modules((SCRIPTS_DIR / f"{script}.py").read_text()))
-    seen: set[str] = set()
-    while todo:
-        module = todo.pop()
-        if module not in seen:
-            seen.add(module)
-            todo.extend(imported_modules(module) - seen)
-    return seen
-
-
-def code_fingerprint(modules: Iterable[str]) -> str:
-    """Hash of the source of the named modules of this package (e.g. ``["stages.training", "models"]``)."""
-    digest = hashlib.sha256()
-    for module in sorted(set(modules)):
-        path = module_file(module)
-        if path is None:
-            raise ValueError(f"{module!r} is not a module of {PACKAGE}")
-        digest.update(module.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def export_package_path() -> None:
-    """Let Snakemake jobs import this package from its checkout, also inside a conda env
-    (or on a cluster node) where it was never installed; quiet foolbox's git probe."""
-    package_parent = str(PACKAGE_DIR.parent)
-    paths = [package_parent] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")

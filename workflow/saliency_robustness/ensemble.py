@@ -181,10 +181,10 @@ def run_attack(
     *,
     attack: str | fb.attacks.base.MinimizationAttack,
     kwargs: Mapping[str, Any] | None = None,
-    batch_size: int = 100,
+    batch_size: int | None = None,
     starting_points: torch.Tensor | None = None,
     device: torch.device | str | None = None,
-    store_adversarials: bool = True,
+    store_adversarials: bool,
     name: str | None = None,
 ) -> xr.Dataset:
     """Attack every image (input space, ``(N, C, H, W)``) and verify each result.
@@ -214,6 +214,7 @@ def run_attack(
     adversarials = np.full(images.shape, np.nan, dtype=np.float32) if store_adversarials else None
 
     started = time.perf_counter()
+    batch_size = batch_size if batch_size is not None else max(n, 1)
     batches = range(0, n, batch_size)
     for start in progress(batches, desc=f"{name}", unit="batch", total=len(batches)):
         stop = min(start + batch_size, n)
@@ -360,7 +361,7 @@ def run_ensemble(
     space: InputSpace,
     ensemble: Mapping[str, Mapping[str, Any]],
     *,
-    batch_size: int = 100,
+    batch_size: int | None = None,
     device: torch.device | str | None = None,
     starts_from: Mapping[str, xr.Dataset] | None = None,
 ) -> dict[str, xr.Dataset]:
@@ -382,6 +383,7 @@ def run_ensemble(
                 batch_size=batch_size,
                 starting_points=starts,
                 device=device,
+                store_adversarials=True,  # the refining attacks start from them
                 name=name,
             )
     return results

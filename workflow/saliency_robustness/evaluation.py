@@ -58,8 +58,9 @@ def evaluation_mode(model: nn.Module, device: torch.device) -> Iterator[nn.Modul
         yield model.to(device)
 
 
-def batch_slices(n: int, batch_size: int, desc: str) -> Iterator[slice]:
-    """Consecutive slices of ``batch_size`` samples, under a progress bar."""
+def batch_slices(n: int, batch_size: int | None, desc: str) -> Iterator[slice]:
+    """Consecutive slices of ``batch_size`` samples (None: all in one), under a progress bar."""
+    batch_size = batch_size if batch_size is not None else max(n, 1)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     starts = range(0, n, batch_size)

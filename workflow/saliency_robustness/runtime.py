@@ -103,8 +103,8 @@ def _build_libraries() -> dict[str, str]:
 def machine(device: torch.device | None = None) -> dict[str, Any]:
     """What floating-point results depend on besides the code and the config: the processor
     and the kernels torch picks for it, torch and its build, the math libraries, the thread
-    count and the device. Two runs agree bit for bit only where these agree (README:
-    Reproducibility); ``id`` is a short digest of all of them but the host name."""
+    count and the device. Two runs agree bit for bit only where these agree (docs/spec.md §8);
+    ``id`` is a short digest of all of them but the host name."""
     device = device or torch.device("cpu")
     record: dict[str, Any] = {
         "cpu": _cpu_model(),

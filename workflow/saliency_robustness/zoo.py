@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from saliency_robustness.config import robustbench_files
 from saliency_robustness.errors import ConfigError, DataError, one_line
+from saliency_robustness.fingerprints import robustbench_files
 
 
 def import_callable(reference: str) -> Callable[..., nn.Module]:

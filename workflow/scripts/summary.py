@@ -1,7 +1,8 @@
-"""Stack every model's metrics into summary.zarr and summary.csv."""
+"""Stack every model's metrics into summary.zarr with its statistics, and write its three CSV tables."""
 
 from saliency_robustness.runtime import script_main
-from saliency_robustness.stages.summary import BootstrapOptions, summary_stage
+from saliency_robustness.stages.summary import summary_stage
+from saliency_robustness.statistics import BootstrapOptions
 
 with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
     summary_stage(
@@ -12,6 +13,6 @@ with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
         output_csv=sm.output.csv,
         output_grid_csv=sm.output.grid_csv,
         output_trends_csv=sm.output.trends_csv,
-        options=BootstrapOptions(**sm.params.options),
+        options=BootstrapOptions.from_config(sm.params.options),
         attributes=sm.params.attributes,
     )

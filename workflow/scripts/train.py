@@ -6,15 +6,7 @@ from saliency_robustness.stages.training import model_spec, train_stage
 with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
     settings = sm.params.settings
     train_stage(
-        spec=model_spec(
-            settings["name"],
-            settings["lam"],
-            settings["dataset"],
-            settings["model"],
-            settings["train"],
-            method=settings["method"],
-            epsilon=settings["epsilon"],
-        ),
+        spec=model_spec(**settings),
         dataset=settings["dataset"],
         train=settings["train"],
         data_root=sm.config["data_root"],  # where the data lives: not a param, so moving it retrains nothing

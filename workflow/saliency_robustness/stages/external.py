@@ -5,7 +5,7 @@ The directory is the one the training stage writes (``model.pt``, ``spec.json`` 
 figures treat the model like a trained one (docs/spec.md §3). The weights come from a
 ``state_dict`` file read with ``weights_only=True`` into a registered or ``module:callable``
 architecture, or from RobustBench's model zoo. A network that takes another input space
-(``(pixel - offset) / scale``) is wrapped in an :class:`~saliency_robustness.models.InputAdapter`,
+(``(pixel - offset) / scale``) is wrapped in an :class:`~saliency_robustness.architectures.InputAdapter`,
 so that every quantity is measured in the evaluation store's input space, for every model alike.
 """
 
@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from saliency_robustness.config import DATASET_CLASSES, EXTERNAL, external_weights_hash, resolve_path
+from saliency_robustness.architectures import InputAdapter
+from saliency_robustness.config import DATASET_CLASSES, resolve_path
 from saliency_robustness.data import InputSpace, open_split
 from saliency_robustness.errors import PipelineError, one_line
+from saliency_robustness.fingerprints import external_weights_hash
 from saliency_robustness.models import (
-    InputAdapter,
     ModelSpec,
     build_network,
     degenerate_reason,
@@ -37,6 +38,7 @@ from saliency_robustness.models import (
 )
 from saliency_robustness.runtime import eval_mode, machine, resolve_device
 from saliency_robustness.stores import atomic_directory, open_store
+from saliency_robustness.vocabulary import EXTERNAL
 from saliency_robustness.zoo import load_robustbench
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,11 @@ def external_spec(entry: Mapping[str, Any], images_shape: Sequence[int], adapter
     return ModelSpec(
         name=entry["name"],
         architecture="robustbench" if robustbench else entry["architecture"],
-        lam=0.0,
+        method=EXTERNAL,
+        strength=None,
+        sensitivity=None,
+        p=None,
+        seed=0,  # nothing the pipeline drew: every external model is its own grid point
         num_classes=num_classes,
         in_channels=channels,
         image_size=height,
@@ -94,7 +100,6 @@ def external_spec(entry: Mapping[str, Any], images_shape: Sequence[int], adapter
             {k: robustbench[k] for k in ("name", "dataset", "threat_model")} if robustbench else dict(entry["options"])
         ),
         weights=None if robustbench else entry["weights"],
-        method=EXTERNAL,
         input_adapter=adapter,
     )
 
@@ -168,7 +173,7 @@ def external_stage(
     test_set, _ = open_split(dataset, data_root, "test")
     if len(test_set) == 0:  # type: ignore[arg-type]
         raise ExternalModelError(name, "the test split is empty: no test accuracy")
-    accuracy, majority_share = test_performance(model.to(device), test_set, device=device)
+    accuracy, majority_share = test_performance(model.to(device), test_set, device=device, num_workers=0)
     log.info("%s: test accuracy %.4f on %d images", name, accuracy, len(test_set))  # type: ignore[arg-type]
     reason = degenerate_reason(accuracy, majority_share, spec.num_classes)
     if reason:

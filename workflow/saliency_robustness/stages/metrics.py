@@ -18,9 +18,8 @@ batch norm is its effective shift ``beta - mean * gamma / sqrt(var + eps)``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ import xarray as xr
 from torch import nn
 
 from saliency_robustness.data import DISTANCE
-from saliency_robustness.errors import PipelineError, StoreError, one_line
+from saliency_robustness.errors import StoreError, one_line
 from saliency_robustness.evaluation import (
     Images,
     batch_slices,
@@ -41,7 +40,8 @@ from saliency_robustness.evaluation import (
     variable,
     with_eval_labels,
 )
-from saliency_robustness.models import PerChannelScale, PerChannelShift, load_model
+from saliency_robustness.homogeneity import BiasProbes
+from saliency_robustness.models import load_model
 from saliency_robustness.robustness import combine_attacks
 from saliency_robustness.runtime import resolve_device
 from saliency_robustness.stores import computed_from, open_store, write_store
@@ -49,44 +49,6 @@ from saliency_robustness.stores import computed_from, open_store, write_store
 log = logging.getLogger(__name__)
 
 LOGIT = "logit"
-
-# layers that add a per-channel bias to a linear map of their input
-BIAS_LAYERS = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    PerChannelShift,  # an external network's input adapter: the shift between two input spaces
-)
-# leaf modules that are positively homogeneous of degree one and have no bias
-HOMOGENEOUS_LAYERS = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.Identity,
-    PerChannelScale,
-)
 
 # name -> (long name, units) of every per-sample variable compute_metrics returns
 METRICS: dict[str, tuple[str, str]] = {
@@ -111,89 +73,11 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 
 
-def effective_bias(name: str, module: nn.Module) -> torch.Tensor | None:
-    """The per-channel constant a module adds to a linear map of its input (None when it has none).
-
-    An eval-mode batch norm computes ``x * gamma / sqrt(var + eps) + (beta - mean * gamma / sqrt(var + eps))``:
-    its running mean enters the decomposition through that shift.
-    """
-    if isinstance(module, BIAS_LAYERS):
-        return None if module.bias is None else module.bias.detach().double()
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if module.training or module.running_mean is None or module.running_var is None:
-            raise PipelineError(
-                f"batch norm {name or type(module).__name__} normalizes with batch statistics "
-                "(train mode or track_running_stats=False): images would not be independent"
-            )
-        inv_std = (module.running_var.detach().double() + module.eps).rsqrt()
-        shift = -module.running_mean.detach().double() * inv_std
-        if module.affine:
-            shift = module.bias.detach().double() + shift * module.weight.detach().double()
-        return shift
-    return None
-
-
-class BiasProbes:
-    """Per-sample derivatives of a logit with respect to every bias-like parameter.
-
-    A forward hook adds a zero tensor of shape (sample, channel) (broadcast over the other
-    dims) to the output of every module with a bias. The gradient with respect to that zero is,
-    per sample, ``dPsi/db`` summed over the positions where the bias is added: the bias's
-    derivative as seen by that one sample, which a parameter's ``.grad`` (summed over the batch)
-    cannot give. Adding zero leaves the forward pass unchanged, and a later in-place ReLU
-    modifies the sum, not the probe.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.biases: dict[nn.Module, torch.Tensor] = {}
-        unknown: set[str] = set()
-        for name, module in model.named_modules():
-            bias = effective_bias(name, module)
-            if bias is not None:
-                self.biases[module] = bias
-            elif not any(module.children()) and not isinstance(
-                module, (*BIAS_LAYERS, *HOMOGENEOUS_LAYERS, nn.modules.batchnorm._BatchNorm)
-            ):
-                unknown.add(type(module).__name__)
-        self.unknown = sorted(unknown)
-        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def _hook(self, module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
-        channel_dim = output.ndim - 1 if isinstance(module, nn.Linear) else 1
-        shape = [1] * output.ndim
-        shape[0], shape[channel_dim] = output.shape[0], output.shape[channel_dim]
-        probe = torch.zeros(shape, dtype=output.dtype, device=output.device, requires_grad=True)
-        self.records.append((self.biases[module], probe))
-        return output + probe
-
-    @contextlib.contextmanager
-    def attached(self) -> Iterator[BiasProbes]:
-        """Record the probes of the forward passes run inside the block (replacing earlier ones)."""
-        self.records = []
-        handles = [module.register_forward_hook(self._hook) for module in self.biases]
-        try:
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    @property
-    def tensors(self) -> list[torch.Tensor]:
-        return [probe for _, probe in self.records]
-
-    def bias_sum(self, probe_grads: list[torch.Tensor], n: int) -> torch.Tensor:
-        """``sum_b <b, dPsi/db>`` per sample, from the gradients with respect to :attr:`tensors`."""
-        total = torch.zeros(n, dtype=torch.float64, device=probe_grads[0].device if probe_grads else None)
-        for (bias, _), grad in zip(self.records, probe_grads):
-            total += grad.reshape(n, -1).double() @ bias
-        return total
-
-
 def _norm(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(v, dim=1, dtype=torch.float64)
 
 
-def _batch_metrics(model: nn.Module, x: torch.Tensor, probes: BiasProbes, class_chunk: int) -> dict[str, torch.Tensor]:
+def _batch_metrics(model: nn.Module, x: torch.Tensor, probes: BiasProbes, class_chunk: int | None) -> dict[str, torch.Tensor]:
     """Every quantity of docs/spec.md §2 for one batch (one forward pass, n + 1 or n + 2 reverse passes)."""
     with probes.attached():
         logits = model(x)
@@ -204,6 +88,7 @@ def _batch_metrics(model: nn.Module, x: torch.Tensor, probes: BiasProbes, class_
     prediction = logits.argmax(dim=1)
     values = logits.detach()
     predicted = values[rows, prediction]
+    class_chunk = class_chunk if class_chunk is not None else n
 
     saliency: torch.Tensor | None = None
     if n > class_chunk:  # the predicted-class gradient is needed before the chunks are seen
@@ -276,18 +161,18 @@ def compute_metrics(
     model: nn.Module,
     images: Images,
     *,
-    batch_size: int = 100,
-    class_chunk: int = 100,
+    batch_size: int | None = None,
+    class_chunk: int | None = None,
     device: torch.device | str | None = None,
 ) -> xr.Dataset:
     """Every per-image quantity of docs/spec.md §2 (except ``robustness``, which needs attacks) for
     ``images`` in the model's input space (dims ``sample, channel, y, x``).
 
     The model runs in eval mode on ``device`` (default: the GPU when there is one). Memory is
-    bounded by ``batch_size x class_chunk`` input gradients. ``bias_sum`` is the bias part
+    bounded by ``batch_size x class_chunk`` input gradients (None: all images, all classes at once). ``bias_sum`` is the bias part
     computed from the biases; the attrs record its largest disagreement with ``bias_part``.
     """
-    if class_chunk < 1:
+    if class_chunk is not None and class_chunk < 1:
         raise ValueError(f"class_chunk must be positive, got {class_chunk}")
     device = resolve_device(device)
     images = image_tensor(images)

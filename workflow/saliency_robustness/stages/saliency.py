@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from saliency_robustness.evaluation import (
 from saliency_robustness.models import load_model
 from saliency_robustness.runtime import resolve_device
 from saliency_robustness.stores import open_store, write_store
+from saliency_robustness.vocabulary import ATTRIBUTIONS, GRADIENT
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +57,19 @@ def predicted_logit_gradient(model: nn.Module, x: torch.Tensor) -> tuple[torch.T
     return logits.detach(), prediction, gradient
 
 
-GRADIENT = "gradient"
-ATTRIBUTIONS = (GRADIENT, "smoothgrad", "integrated_gradients")
-
-
 @dataclass(frozen=True)
 class AttributionOptions:
-    """The ``saliency`` section's attribution methods and their options (schema defaults)."""
+    """The ``saliency`` section's attribution methods and the options of each (the validated
+    config's: the schema holds the defaults)."""
 
-    methods: Sequence[str] = (GRADIENT,)
-    smoothgrad: Mapping[str, Any] = field(default_factory=lambda: {"n": 25, "sigma": 0.15})
-    integrated_gradients: Mapping[str, Any] = field(default_factory=lambda: {"baseline": "zero", "steps": 32})
+    methods: Sequence[str]
+    smoothgrad: Mapping[str, Any]
+    integrated_gradients: Mapping[str, Any]
+
+    @classmethod
+    def gradient_only(cls) -> AttributionOptions:
+        """The paper's saliency map alone."""
+        return cls((GRADIENT,), {}, {})
 
     @property
     def names(self) -> list[str]:
@@ -138,7 +141,7 @@ def compute_saliency(
     model: nn.Module,
     images: Images,
     *,
-    batch_size: int = 250,
+    batch_size: int | None = None,
     device: torch.device | str | None = None,
     attributions: AttributionOptions | None = None,
     space: InputSpace | None = None,
@@ -149,10 +152,10 @@ def compute_saliency(
     ``prediction`` and ``attribution_map`` (one map per method of ``attributions``, the gradient
     first), with ``ig_completeness_error`` when Integrated Gradients is among them. The model
     runs in eval mode on ``device`` (default: the GPU when there is one) and in its own dtype;
-    memory is bounded by ``batch_size`` images (times the methods' samples or steps).
+    memory is bounded by ``batch_size`` images (None: all at once; times the methods' samples or steps).
     """
     device = resolve_device(device)
-    options = attributions or AttributionOptions()
+    options = attributions or AttributionOptions.gradient_only()
     methods = options.names
     images = image_tensor(images)
     space = space or InputSpace(pixel_offset=(0.0,) * images.shape[1])
@@ -205,7 +208,7 @@ def saliency_stage(
 ) -> None:
     """Write ``saliency/<model>.zarr``: saliency maps (and the other attribution maps), logits,
     predictions and labels of the evaluation images."""
-    attributions = attributions or AttributionOptions()
+    attributions = attributions or AttributionOptions.gradient_only()
     eval_ds = open_store(eval_store, ["images", "label"])
     device = resolve_device()
     model = load_model(model_dir, device)

@@ -1,17 +1,19 @@
-"""All models' per-image metrics stacked along ``model``, and statistics with their uncertainty.
+"""The summary stage: all models' per-image metrics stacked along ``model``
+(:mod:`saliency_robustness.stacking`), and statistics with their uncertainty.
 
 Three levels of statistics, each with an interval at the configured level (seeded, so a
-rerun of the summary gives the same numbers; docs/statistics.md says what each covers and
-how that was measured):
+rerun of the summary gives the same numbers; the arithmetic is in
+:mod:`saliency_robustness.statistics`, and docs/statistics.md says what each interval covers
+and how that was measured):
 
 - per model: the median of each quantity over the evaluation images, with its percentile
   bootstrap CI over images;
 - per grid point (every training setting but the seed): the mean over replicate seeds of the
   per-model medians, and the gain over the method's smallest strength, each with a Student-t
-  CI over seeds that adds the image-resampling variance (:func:`seed_interval`);
+  CI over seeds that adds the image-resampling variance (``statistics.seed_interval``);
 - across models: Spearman correlations of median alignment with median robustness and of
   the strength with median robustness (and alignment), with the interval a rerun with new
-  seeds falls in (:func:`rerun_draws`).
+  seeds falls in (``statistics.rerun_draws``).
 
 Every statistic is given for two image subsets: ``all`` evaluation images and the
 ``correct``-ly classified ones. Within a subset, an image counts only where every summarised
@@ -19,28 +21,35 @@ quantity is finite, so that both axes of any plot rest on the same images; an im
 attack could move (``robustness`` NaN) is an attack failure, counted, not a distance of 0 or
 infinity. Degenerate models (one class for nearly all images, or accuracy near chance) are
 flagged, kept per model, and left out of the grid-point and across-model statistics.
+
+The stage writes the stacked dataset with its statistics (``summary.zarr``) and the three CSV
+tables that :mod:`saliency_robustness.tables` reads from it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import xarray as xr
-from scipy.stats import bootstrap, rankdata, spearmanr
-from scipy.stats import t as student_t
 
-from saliency_robustness.config import EXTERNAL, fingerprint
-from saliency_robustness.errors import ConfigError, StoreError, one_line
-from saliency_robustness.models import ModelSpec, degenerate_reason, load_spec, read_machine
-from saliency_robustness.stores import content_digest, open_store, provenance, write_store
+from saliency_robustness.stacking import load_stacked
+from saliency_robustness.statistics import (
+    BootstrapOptions,
+    finite_spearman,
+    image_resampled_medians,
+    median_ci,
+    rank_correlation,
+    rerun_draws,
+    seed_interval,
+)
+from saliency_robustness.stores import provenance, write_store
+from saliency_robustness.tables import PER_GRID_POINT, PER_MODEL, grid_table, model_table, trend_table, write_csv
+from saliency_robustness.vocabulary import GRADIENT, METHODS, SUBSETS
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +67,6 @@ SUMMARISED = (
 )
 # (x, y) pairs whose Spearman rank correlation over images is given per model
 CORRELATED = (("alignment", "robustness"), ("linearized_robustness", "robustness"))
-SUBSETS = ("all", "correct")
-#: methods in the order models are stacked, and the name of each one's strength (external
-#: models have none: nothing the pipeline set)
-METHOD_STRENGTH: dict[str, str | None] = {"gradnorm": "lambda", "adversarial": "epsilon", EXTERNAL: None}
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class Trend:
 def quantities(stacked: xr.Dataset) -> tuple[str, ...]:
     """The summarised quantities: :data:`SUMMARISED`, then the alignment (and its cosine) of
     every attribution map beyond the gradient that the metrics hold."""
-    extra = [str(a) for a in stacked["attribution"].values if str(a) != "gradient"] if "attribution" in stacked.coords else []
+    extra = [str(a) for a in stacked["attribution"].values if str(a) != GRADIENT] if "attribution" in stacked.coords else []
     return SUMMARISED + tuple(f"{name}_{a}" for a in extra for name in ("alignment", "alignment_cosine"))
 
 
@@ -90,7 +95,7 @@ def trends(stacked: xr.Dataset) -> list[Trend]:
     methods = list(dict.fromkeys(str(m) for m in stacked["method"].values))
     found = [Trend("median alignment ~ median robustness", "alignment", "robustness")]
     for method in methods:
-        strength = METHOD_STRENGTH[method]
+        strength = METHODS[method].strength
         if strength is not None:
             found += [Trend(f"{strength} ~ median {y}", "strength", y, method) for y in ("robustness", "alignment")]
     if len(methods) > 1:
@@ -98,314 +103,6 @@ def trends(stacked: xr.Dataset) -> list[Trend]:
     extra = [q for q in quantities(stacked) if q not in SUMMARISED and not q.startswith("alignment_cosine_")]
     found += [Trend(f"median {q} ~ median robustness", q, "robustness") for q in extra]
     return found
-
-
-@dataclass(frozen=True)
-class BootstrapOptions:
-    """``summary`` section of the config: how the confidence intervals are resampled."""
-
-    n_resamples: int = 2000
-    confidence_level: float = 0.95
-    seed: int = 0
-
-    def rng(self) -> np.random.Generator:
-        # a fresh generator per interval: each CI is reproducible on its own, whatever the order
-        return np.random.default_rng(self.seed)
-
-
-def median_ci(values: np.ndarray, options: BootstrapOptions) -> tuple[float, float]:
-    """Percentile-bootstrap CI of the median of ``values`` (NaN for fewer than 2 values)."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size < 2:
-        return np.nan, np.nan
-    if np.all(values == values[0]):
-        return float(values[0]), float(values[0])
-    result = bootstrap(
-        (values,),
-        np.median,
-        n_resamples=options.n_resamples,
-        confidence_level=options.confidence_level,
-        method="percentile",
-        vectorized=True,
-        rng=options.rng(),
-    )
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
-
-
-def hierarchical_bootstrap(
-    values: np.ndarray,
-    groups: Sequence[Sequence[int]],
-    statistic: Callable[[np.ndarray, list[list[int]]], np.ndarray],
-    options: BootstrapOptions,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Point estimate and percentile CI of a statistic of per-model medians, resampling images
-    and seeds: the summary's interval before rerun coverage was measured, kept for
-    ``tests/benchmarks/seed_coverage.py``, which compares it with :func:`seed_interval` and
-    :func:`rerun_draws`. With 3 seeds a grid point it treats the seeds as the population and
-    undercovers reruns (docs/statistics.md).
-
-    ``values`` is ``model x quantity x image`` (NaN where an image is not in the subset) and
-    ``groups`` lists the models (replicate seeds) of each grid point. Each resample draws the
-    evaluation images with replacement, the same draw for every model (all models are
-    evaluated on the same images: a paired design), and, within each grid point, its seeds
-    with replacement. ``statistic(medians, picked)`` gets the ``model x quantity`` medians over
-    the drawn images and the drawn models of each grid point, and returns a vector.
-    """
-    groups = [list(g) for g in groups]
-
-    def medians(images: np.ndarray) -> np.ndarray:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a model with no image of the subset: NaN
-            return np.nanmedian(values[:, :, images], axis=-1)
-
-    all_images = np.arange(values.shape[-1])
-    estimate = np.asarray(statistic(medians(all_images), groups), dtype=np.float64)
-    replicated = [k for k, g in enumerate(groups) if len(g) > 1]
-    if all_images.size < 2:
-        return estimate, np.full_like(estimate, np.nan), np.full_like(estimate, np.nan)
-
-    def resampled(images: np.ndarray, *seeds: np.ndarray) -> np.ndarray:
-        picked = list(groups)
-        for k, draw in zip(replicated, seeds):
-            picked[k] = [groups[k][i] for i in draw]
-        return np.asarray(statistic(medians(images), picked), dtype=np.float64)
-
-    result = bootstrap(
-        (all_images, *(np.arange(len(groups[k])) for k in replicated)),
-        resampled,
-        n_resamples=options.n_resamples,
-        confidence_level=options.confidence_level,
-        method="percentile",
-        vectorized=False,
-        rng=options.rng(),
-    )
-    return estimate, np.asarray(result.confidence_interval.low), np.asarray(result.confidence_interval.high)
-
-
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3 or np.all(x[ok] == x[ok][0]) or np.all(y[ok] == y[ok][0]):
-        return np.nan
-    return float(spearmanr(x[ok], y[ok]).statistic)
-
-
-def _nanmedian(values: np.ndarray) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a model with no image of the subset: NaN
-        return np.nanmedian(values, axis=-1)
-
-
-def image_resampled_medians(values: np.ndarray, options: BootstrapOptions) -> tuple[np.ndarray, np.ndarray]:
-    """Per-model medians of ``values`` (``model x quantity x image``, NaN off the subset) over
-    all images, ``model x quantity``, and over ``options.n_resamples`` draws of the images with
-    replacement, ``resample x model x quantity``. Each draw is the same for every model: all
-    models are evaluated on the same images (a paired design)."""
-    rng = options.rng()
-    n = values.shape[-1]
-    draws = [_nanmedian(values[:, :, rng.integers(0, n, n)]) for _ in range(options.n_resamples if n > 1 else 0)]
-    return _nanmedian(values), np.asarray(draws).reshape(len(draws), *values.shape[:2])
-
-
-def seed_interval(
-    estimate: np.ndarray, seed_medians: Sequence[np.ndarray], image_draws: np.ndarray, level: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Student-t interval of a mean over seeds of per-model medians, or of a difference of two
-    such means (the estimate; ``seed_medians`` holds each mean's ``seed x quantity`` medians).
-
-    Its squared standard error adds each mean's seed term ``s^2 / n`` (how much retrained models
-    move: other seeds, another machine) and the variance of the estimate over the image
-    resamples ``image_draws`` (``resample x quantity``: which images were drawn); its degrees of
-    freedom come from the seed terms (Welch-Satterthwaite; the image term counts as known).
-    With 3 seeds the t quantile is 4.3, not the 1.96 a bootstrap over the 3 seeds implies: a
-    percentile bootstrap over so few seeds took them for the population and undercovered
-    reruns (docs/statistics.md). With a single seed in any term no seed spread can be
-    measured, and the interval is the percentile interval of the image resamples alone.
-    """
-    tail = (1 - level) / 2
-    if any(len(m) < 2 for m in seed_medians) or len(image_draws) == 0:
-        if len(image_draws) == 0:
-            return np.full_like(estimate, np.nan), np.full_like(estimate, np.nan)
-        low, high = np.nanquantile(image_draws, [tail, 1 - tail], axis=0)
-        return low, high
-    terms = [np.var(m, axis=0, ddof=1) / len(m) for m in seed_medians]
-    se2 = sum(terms) + np.var(image_draws, axis=0, ddof=1)
-    welch = sum(term**2 / (len(m) - 1) for term, m in zip(terms, seed_medians))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        df = np.where(welch > 0, se2**2 / welch, np.inf)
-    half = student_t.ppf(1 - tail, df) * np.sqrt(se2)
-    return estimate - half, estimate + half
-
-
-def rerun_draws(columns: np.ndarray, groups: Sequence[Sequence[int]], rng: np.random.Generator) -> np.ndarray | None:
-    """What a rerun with new seeds gives for per-model values, one draw per row of ``columns``
-    (``draw x model x d``; models grouped by grid point, ``groups``: model indices): a posterior
-    predictive draw of a normal model with one mean per grid point and a seed-to-seed
-    covariance pooled over grid points. Each draw takes the covariance from its
-    inverse-Wishart posterior (``N - G`` degrees of freedom), each grid point's mean from a
-    normal around its seeds' mean, then new seeds around that mean. None when the replicates
-    are too few to estimate the covariance (fewer than ``max(d, 2)`` degrees of freedom)."""
-    n_draws, _, d = columns.shape
-    dof = sum(len(g) - 1 for g in groups)
-    if dof < max(d, 2):
-        return None
-    means = {k: columns[:, list(g)].mean(axis=1, keepdims=True) for k, g in enumerate(groups)}
-    residuals = np.concatenate([columns[:, list(g)] - means[k] for k, g in enumerate(groups)], axis=1)
-    scatter = np.einsum("bni,bnj->bij", residuals, residuals)
-    # inverse-Wishart(dof, scatter) as the inverse of a Wishart(dof, scatter^-1) draw; a
-    # direction without spread (a constant column) gets a ridge far below any spread that matters
-    scale = np.trace(scatter, axis1=1, axis2=2)[:, None, None] / d
-    spread = scale[:, 0, 0] > 0
-    ridge = np.where(spread[:, None, None], scale, 1.0) * 1e-12 * np.eye(d)
-    factor = np.linalg.cholesky(np.linalg.inv(scatter + ridge))
-    z = rng.standard_normal((n_draws, dof, d)) @ np.swapaxes(factor, 1, 2)
-    covariance = np.linalg.inv(np.swapaxes(z, 1, 2) @ z)
-    root = np.linalg.cholesky(covariance) * spread[:, None, None]  # no spread at all: the means
-    drawn = np.empty_like(columns)
-    for k, g in enumerate(groups):
-        mean = means[k] + (rng.standard_normal((n_draws, 1, d)) / np.sqrt(len(g))) @ np.swapaxes(root, 1, 2)
-        drawn[:, list(g)] = mean + rng.standard_normal((n_draws, len(g), d)) @ np.swapaxes(root, 1, 2)
-    return drawn
-
-
-def rank_correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Spearman's correlation of ``x`` and ``y`` along the last axis (ties get average ranks,
-    as in ``scipy.stats.spearmanr``); NaN where either is constant."""
-    rx, ry = (rankdata(v, axis=-1) for v in (x, y))
-    rx, ry = rx - rx.mean(axis=-1, keepdims=True), ry - ry.mean(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (rx * ry).sum(axis=-1) / np.sqrt((rx**2).sum(axis=-1) * (ry**2).sum(axis=-1))
-
-
-def setting_key(spec: ModelSpec) -> str:
-    """What a model's training was, all but the replicate seed: models with equal keys are
-    replicates of one grid point."""
-    spec_dict = {k: v for k, v in vars(spec).items() if k not in ("name", "seed")}
-    spec_dict["training"] = {k: v for k, v in spec.training.items() if k not in ("seed", "seeds")}
-    return fingerprint(spec_dict)
-
-
-def setting_label(spec: ModelSpec) -> str:
-    """The grid point's name: the model name without its seed (e.g. ``gradnorm-lambda0.3``);
-    an external model is a grid point of its own."""
-    if spec.method == EXTERNAL:
-        return spec.name
-    stem, _, seed = spec.name.rpartition("-seed")
-    return stem if stem and seed.isdigit() else spec.name
-
-
-def _attribute_values(values: list[Any]) -> np.ndarray:
-    """One attribute across models: numbers (NaN where a model lacks it), else text ("" where missing)."""
-    given = [v for v in values if v is not None]
-    if given and all(isinstance(v, int | float) and not isinstance(v, bool) for v in given):
-        return np.array([np.nan if v is None else float(v) for v in values])
-    return np.array(["" if v is None else str(v) for v in values], dtype=object)
-
-
-# marks the per-model coordinates that come from models.external attributes
-ATTRIBUTE_ROLE = "models.external attribute"
-
-
-def attribute_coords(names: Sequence[str], attributes: Mapping[str, Mapping[str, Any]], taken: Iterable[str]) -> dict[str, Any]:
-    """The external models' free-form ``attributes`` as per-model coordinates (missing for a
-    model: NaN or ""); a name that a summary variable already has is an error."""
-    keys = sorted({key for attrs in attributes.values() for key in attrs})
-    clash = sorted(set(keys) & set(taken))
-    if clash:
-        raise ConfigError(f"models.external attribute {clash[0]!r} is also the name of a summary variable; rename it")
-    return {
-        key: (
-            "model",
-            _attribute_values([attributes.get(m, {}).get(key) for m in names]),
-            {"long_name": f"attribute {key} (models.external)", "role": ATTRIBUTE_ROLE},
-        )
-        for key in keys
-    }
-
-
-def stack_models(
-    metrics: Mapping[str, xr.Dataset],
-    specs: Mapping[str, ModelSpec],
-    performance: Mapping[str, tuple[float, float]],
-    attributes: Mapping[str, Mapping[str, Any]] | None = None,
-    machines: Mapping[str, Mapping[str, Any]] | None = None,
-) -> xr.Dataset:
-    """Concatenate per-model metrics along a new ``model`` dim, ordered by method, strength and
-    seed (external models last, in the given order), with the training options, the grid point,
-    the degenerate flag, the machine each model was trained on (``machines``: its
-    ``runtime.machine`` record) and the external models' attributes as per-model variables."""
-    order, given = list(METHOD_STRENGTH), list(metrics)
-
-    def position(m: str) -> tuple[int, float, int, int]:
-        strength = 0.0 if specs[m].method == EXTERNAL else specs[m].strength
-        return order.index(specs[m].method), strength, specs[m].seed, given.index(m)
-
-    names = sorted(metrics, key=position)
-    keys = {m: setting_key(specs[m]) for m in names}
-    labels = {m: setting_label(specs[m]) for m in names}
-    clashing = {labels[a] for a in names for b in names if labels[a] == labels[b] and keys[a] != keys[b]}
-    labels = {m: f"{labels[m]} ({keys[m][:6]})" if labels[m] in clashing else labels[m] for m in names}
-    stacked = xr.concat(
-        [metrics[m].drop_attrs(deep=False) for m in names], dim="model", coords="minimal", compat="override", join="outer"
-    )
-    stacked = stacked.assign_coords(
-        model=("model", names),
-        lam=(
-            "model",
-            [specs[m].lam if specs[m].method == "gradnorm" else np.nan for m in names],
-            {"long_name": "regularization strength lambda (per example; NaN: not a gradnorm model)", "units": "1"},
-        ),
-        method=(
-            "model",
-            [specs[m].method for m in names],
-            {"long_name": "training method: gradnorm, adversarial (L2 PGD) or external (not trained here)"},
-        ),
-        strength=(
-            "model",
-            [specs[m].strength for m in names],
-            {"long_name": "the method's strength: lambda (gradnorm) or the PGD radius epsilon (adversarial); NaN: external", "units": "1"},
-        ),
-        sensitivity=("model", [specs[m].sensitivity for m in names], {"long_name": "regularized sensitivity"}),
-        p=("model", [specs[m].p for m in names], {"long_name": "power of the gradient norm in the penalty", "units": "1"}),
-        seed=("model", [specs[m].seed for m in names], {"long_name": "training seed (replicate)"}),
-        setting=("model", [labels[m] for m in names], {"long_name": "grid point: the training setting but the seed"}),
-        machine=(
-            "model",
-            [str((machines or {}).get(m, {}).get("id", "unknown")) for m in names],
-            {"long_name": "id of the machine the model was trained on (the summary's machines attribute describes each)"},
-        ),
-    )
-    for name, first in metrics[names[0]].data_vars.items():
-        stacked[name].attrs = dict(first.attrs)
-    # the set of machines the models were trained on, each described once
-    records = {str(r.get("id", "unknown")): {k: v for k, v in r.items() if k != "id"} for r in (machines or {}).values()}
-    stacked.attrs["machines"] = json.dumps(records, sort_keys=True)
-    accuracy, majority = ([performance[m][k] for m in names] for k in (0, 1))
-    # the train stage's verdict, from the same whole-test-set numbers its warning used
-    reasons = [degenerate_reason(a, share, specs[m].num_classes) or "" for m, a, share in zip(names, accuracy, majority)]
-    per_model = {
-        "test_accuracy": (accuracy, "clean accuracy on the whole test set", "1"),
-        "eval_accuracy": (
-            [float(metrics[m]["correct"].mean()) for m in names],
-            "clean accuracy on the evaluation images",
-            "1",
-        ),
-        "majority_class_share": (majority, "share of test images predicted as the most frequent class", "1"),
-        "degenerate": ([bool(r) for r in reasons], "degenerate model (left out of the across-model statistics)", "1"),
-        "degenerate_reason": (reasons, "why the model counts as degenerate (empty: it does not)", ""),
-    }
-    for name, (values, long_name, units) in per_model.items():
-        stacked[name] = xr.DataArray(values, dims="model", attrs={"long_name": long_name, "units": units} if units else {"long_name": long_name})
-    if attributes:
-        stacked = stacked.assign_coords(attribute_coords(names, attributes, [str(v) for v in stacked.variables]))
-    if "attribution" in stacked.coords:  # each attribution map's alignment as a quantity of its own
-        for attribution in stacked["attribution"].values:
-            if str(attribution) != "gradient":
-                for name in ("alignment", "alignment_cosine"):
-                    source = stacked[f"attribution_{name}"]
-                    stacked[f"{name}_{attribution}"] = source.sel(attribution=attribution, drop=True).assign_attrs(
-                        source.attrs, long_name=f"{source.attrs['long_name']} (a: {attribution})"
-                    )
-    return stacked
 
 
 def subset_mask(stacked: xr.Dataset, subset: str) -> xr.DataArray:
@@ -438,7 +135,7 @@ def model_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
     models = [str(m) for m in stacked["model"].values]
     summarised = quantities(stacked)
     shape = (len(models), len(SUBSETS), len(summarised))
-    stats = {name: np.full(shape, np.nan) for name in ("median", "median_ci_low", "median_ci_high", "q25", "q75")}
+    stats = {name: np.full(shape, np.nan) for name in PER_MODEL}
     n_images = np.zeros(shape[:2], dtype=np.int64)
     spearman = np.full((len(models), len(SUBSETS), len(CORRELATED)), np.nan)
     for j, subset in enumerate(SUBSETS):
@@ -452,7 +149,7 @@ def model_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
             for k in range(len(summarised)):
                 stats["median_ci_low"][i, j, k], stats["median_ci_high"][i, j, k] = median_ci(values[k], options)
             for k, (x, y) in enumerate(CORRELATED):
-                spearman[i, j, k] = _spearman(values[summarised.index(x)], values[summarised.index(y)])
+                spearman[i, j, k] = finite_spearman(values[summarised.index(x)], values[summarised.index(y)])
     level = f"{options.confidence_level:.0%}"
     dims = ("model", "subset", "quantity")
     long_names = {
@@ -500,7 +197,7 @@ def _grid_points(stacked: xr.Dataset, healthy: Sequence[str]) -> dict[str, list[
 
 def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
     """Per grid point and subset: mean over seeds of the per-model medians with its CI
-    (:func:`seed_interval`), the spread (standard deviation) of the medians over seeds, and the
+    (``statistics.seed_interval``), the spread (standard deviation) of the medians over seeds, and the
     gain over the method's first grid point (its smallest strength) with its CI, the images
     paired."""
     healthy = healthy_models(stacked)
@@ -510,12 +207,11 @@ def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datase
     method = {p: str(stacked["method"].values[per_point[p]]) for p in points}
     summarised = quantities(stacked)
     shape = (len(points), len(SUBSETS), len(summarised))
-    names = ("mean_median", "mean_median_ci_low", "mean_median_ci_high", "seed_sd", "gain", "gain_ci_low", "gain_ci_high")
-    stats = {name: np.full(shape, np.nan) for name in names}
+    stats = {name: np.full(shape, np.nan) for name in PER_GRID_POINT}
     # each method's gains are over its own smallest strength (the first of its grid points)
     baselines = {}
     for point, models in points.items():
-        if models and METHOD_STRENGTH[method[point]] is not None:  # external models have no baseline
+        if models and METHODS[method[point]].strength is not None:  # external models have no baseline
             baselines.setdefault(method[point], models)
     index = {m: k for k, m in enumerate(healthy)}
     for j, subset in enumerate(SUBSETS):
@@ -567,7 +263,7 @@ def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datase
 def trend_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
     """Across non-degenerate models, per subset: Spearman of median alignment with median
     robustness and of the strength with median robustness (and alignment), one point per
-    model, each with the interval a rerun would fall in (:func:`rerun_draws`, over image
+    model, each with the interval a rerun would fall in (``statistics.rerun_draws``, over image
     resamples paired across models), or, where the grid has too few replicate seeds to
     measure their spread, the interval over image resamples alone (``trend_interval``)."""
     healthy = healthy_models(stacked)
@@ -610,7 +306,7 @@ def trend_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
                 estimate[j, k] = float(spearman(observed))
             else:  # a model without images in the subset: left out
                 column = {n: medians[chosen, summarised.index(n)] for n in names} | {"strength": strength[chosen]}
-                estimate[j, k] = _spearman(column[trend.x], column[trend.y])
+                estimate[j, k] = finite_spearman(column[trend.x], column[trend.y])
             resampled = draws[:, chosen][:, :, columns]
             reruns = rerun_draws(resampled, trend_groups, options.rng()) if len(resampled) else None
             kind[j, k] = "images only" if reruns is None else "rerun"
@@ -643,91 +339,6 @@ def trend_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
     return ds
 
 
-def _quantity_columns(stats: xr.Dataset, level: str, names: Sequence[str]) -> dict[str, float]:
-    """``<quantity>_<statistic>`` columns from the ``<level>_<statistic>`` variables."""
-    return {f"{q}_{name}": float(stats[f"{level}_{name}"].sel(quantity=q)) for q in stats["quantity"].values for name in names}
-
-
-def attribute_names(summary: xr.Dataset) -> list[str]:
-    """The per-model coordinates made from the external models' attributes."""
-    return [str(name) for name, coord in summary.coords.items() if coord.attrs.get("role") == ATTRIBUTE_ROLE]
-
-
-def model_table(summary: xr.Dataset) -> pd.DataFrame:
-    """One row per model and subset (``summary.csv``)."""
-    rows = []
-    for model in summary["model"].values:
-        m = summary.sel(model=model)
-        for subset in SUBSETS:
-            s = m.sel(subset=subset)
-            row: dict[str, object] = {
-                "model": str(model),
-                "setting": str(m["setting"].values),
-                "method": str(m["method"].values),
-                "strength": float(m["strength"]),
-                "lambda": float(m["lam"]),
-                "seed": int(m["seed"]),
-                "machine": str(m["machine"].values),
-                "sensitivity": str(m["sensitivity"].values),
-                "p": float(m["p"]),
-                "test_accuracy": float(m["test_accuracy"]),
-                "eval_accuracy": float(m["eval_accuracy"]),
-                "majority_class_share": float(m["majority_class_share"]),
-                "degenerate": bool(m["degenerate"]),
-                "subset": subset,
-                "n_images": int(s["model_n_images"]),
-                "attack_failures": int(s["attack_failures"]),
-            }
-            row |= {name: m[name].item() for name in attribute_names(summary)}
-            row |= _quantity_columns(s, "model", ("median", "median_ci_low", "median_ci_high", "q25", "q75"))
-            for pair in summary["pair"].values:
-                x, y = str(pair).split("~")
-                row[f"spearman_{x}_{y}"] = float(s["model_spearman"].sel(pair=pair))
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def grid_table(summary: xr.Dataset) -> pd.DataFrame:
-    """One row per grid point and subset (``summary_grid.csv``)."""
-    rows = []
-    for point in summary["grid_point"].values:
-        g = summary.sel(grid_point=point)
-        for subset in SUBSETS:
-            s = g.sel(subset=subset)
-            row: dict[str, object] = {
-                "grid_point": str(point),
-                "method": str(g["grid_method"].values),
-                "strength": float(g["grid_strength"]),
-                "lambda": float(g["grid_lam"]),
-                "n_seeds": int(g["grid_n_seeds"]),
-                "subset": subset,
-            }
-            row |= _quantity_columns(
-                s, "grid", ("mean_median", "mean_median_ci_low", "mean_median_ci_high", "seed_sd", "gain", "gain_ci_low", "gain_ci_high")
-            )
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def trend_table(summary: xr.Dataset) -> pd.DataFrame:
-    """One row per subset and trend (``summary_trends.csv``)."""
-    frame = summary[["trend_spearman", "trend_spearman_ci_low", "trend_spearman_ci_high", "trend_interval"]].to_dataframe().reset_index()
-    frame["n_models"] = [int(summary["trend_points"].sel(subset=s, trend=t)) for s, t in zip(frame["subset"], frame["trend"])]
-    frame["excluded_degenerate_models"] = " ".join(json.loads(summary.attrs.get("excluded_degenerate_models", "[]")))
-    return frame.rename(columns=lambda c: c.removeprefix("trend_"))
-
-
-def read_test_accuracy(model_dir: str | Path) -> tuple[float, float]:
-    """The clean test accuracy and the majority-class share of the test predictions that the
-    train stage wrote to ``models/<model>/test_accuracy.json`` (what its degenerate warning used)."""
-    path = Path(model_dir) / "test_accuracy.json"
-    try:
-        performance = json.loads(path.read_text())
-        return float(performance["test_accuracy"]), float(performance["majority_class_share"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise StoreError(f"cannot read the test accuracy {path} ({one_line(exc)}); delete {model_dir} and rerun") from None
-
-
 def summarise(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
     """The stacked per-image variables with every level of statistics (``summary.zarr``)."""
     summary = xr.merge(
@@ -744,26 +355,6 @@ def summarise(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
         machines=stacked.attrs.get("machines", "{}"),
     )
     return summary
-
-
-def _write_csv(frame: pd.DataFrame, path: str | Path) -> None:
-    tmp = Path(path).with_suffix(".csv.partial")
-    frame.to_csv(tmp, index=False, float_format="%.6g")
-    tmp.replace(path)
-
-
-def load_stacked(
-    models: Sequence[str],
-    metrics_stores: Sequence[str | Path],
-    model_dirs: Sequence[str | Path],
-    attributes: Mapping[str, Mapping[str, Any]] | None = None,
-) -> xr.Dataset:
-    """Read the models' metrics stores and model directories and stack them (:func:`stack_models`)."""
-    metrics = {m: open_store(p, expect={"model": m, "model_digest": content_digest(d)}).load() for m, p, d in zip(models, metrics_stores, model_dirs)}
-    specs = {m: load_spec(d) for m, d in zip(models, model_dirs)}
-    performance = {m: read_test_accuracy(d) for m, d in zip(models, model_dirs)}
-    machines = {m: read_machine(d) for m, d in zip(models, model_dirs)}
-    return stack_models(metrics, specs, performance, attributes, machines)
 
 
 def summary_stage(
@@ -787,7 +378,7 @@ def summary_stage(
             log.warning("model %s is degenerate (%s): shown, flagged, left out of the across-model statistics", model, reason)
     summary = summarise(stacked, options)
     write_store(summary, output_zarr)
-    _write_csv(model_table(summary), output_csv)
-    _write_csv(grid_table(summary), output_grid_csv)
-    _write_csv(trend_table(summary), output_trends_csv)
+    write_csv(model_table(summary), output_csv)
+    write_csv(grid_table(summary), output_grid_csv)
+    write_csv(trend_table(summary), output_trends_csv)
     log.info("summary of %d models written", len(models))

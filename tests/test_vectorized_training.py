@@ -1,4 +1,4 @@
-"""train.ensemble: a grid trained as one vectorised ensemble (torch.func) equals the
+"""train.vectorized: a grid trained as one vectorised stack (torch.func) equals the
 per-model path: each model's parameter gradient, and a few steps of training."""
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from torch.utils.data import Subset, TensorDataset
 
 from conftest import assert_within, float_tolerance, reduction_terms
 from saliency_robustness.config import validate_config
-from saliency_robustness.stages.training import Ensemble, fit, fit_ensemble, regularized_loss
+from saliency_robustness.regularizers import regularized_loss
+from saliency_robustness.stages.training import fit
+from saliency_robustness.vectorized import StackedModels, fit_vectorized
 
 LAMS = (0.0, 0.5, 2.0)
 
@@ -43,7 +45,7 @@ def gradient_scales(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **loss: 
     totals: dict[str, torch.Tensor] = {}
     for e in range(len(x)):
         model.zero_grad()
-        regularized_loss(model, x[e : e + 1], y[e : e + 1], **loss).loss.backward()  # type: ignore[arg-type]
+        regularized_loss(model, x[e : e + 1], y[e : e + 1], penalty_gradient="exact", finite_difference_step=0.01, **loss).loss.backward()  # type: ignore[arg-type]
         for name, param in model.named_parameters():
             totals[name] = totals.get(name, 0) + param.grad.abs() / len(x)
     return {name: float(total.max()) for name, total in totals.items()}
@@ -60,13 +62,13 @@ def test_every_models_gradient_equals_the_per_model_loop(sensitivity: str, p: fl
     models = dropout_free_models()
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(3, 6, 1, 8, 8, generator=g), torch.randint(0, 3, (3, 6), generator=g)
-    ensemble = Ensemble([copy.deepcopy(m) for m in models], train_config(sensitivity=sensitivity, p=p), LAMS, torch.device("cpu"))
-    grads, values = ensemble.gradients(x, y)
+    stack = StackedModels([copy.deepcopy(m) for m in models], train_config(sensitivity=sensitivity, p=p), LAMS, torch.device("cpu"))
+    grads, values = stack.gradients(x, y)
     for m, (model, lam) in enumerate(zip(models, LAMS)):
         scales = gradient_scales(model, x[m], y[m], lam=lam, sensitivity=sensitivity, p=p)
         n = step_terms(model, len(x[m]))
         model.zero_grad()
-        terms = regularized_loss(model, x[m], y[m], lam=lam, sensitivity=sensitivity, p=p)
+        terms = regularized_loss(model, x[m], y[m], lam=lam, sensitivity=sensitivity, p=p, penalty_gradient="exact", finite_difference_step=0.01)
         terms.loss.backward()
         for name, param in model.named_parameters():
             assert_within(grads[name][m], param.grad, float_tolerance(torch.float32, scales[name], terms=n), err_msg=name)
@@ -76,7 +78,7 @@ def test_every_models_gradient_equals_the_per_model_loop(sensitivity: str, p: fl
         assert_within(float(values[m, 0]), float(terms.loss.detach()), float_tolerance(torch.float32, operands, terms=n))
 
 
-def test_a_few_epochs_of_ensemble_training_match_per_model_training() -> None:
+def test_a_few_epochs_of_vectorized_training_match_per_model_training() -> None:
     g = torch.Generator().manual_seed(1)
     ds = TensorDataset(torch.rand(60, 1, 8, 8, generator=g), torch.randint(0, 3, (60,), generator=g))
     subsets = [Subset(ds, list(range(s, 60, 2))[:24]) for s in (0, 1, 0)]  # each model its own training set
@@ -85,7 +87,7 @@ def test_a_few_epochs_of_ensemble_training_match_per_model_training() -> None:
     singles = [copy.deepcopy(m) for m in models]
     train = train_config()
     initial = [copy.deepcopy(m.state_dict()) for m in models]
-    logs = fit_ensemble(models, subsets, train, LAMS, seeds, device=torch.device("cpu"))
+    logs = fit_vectorized(models, subsets, train, LAMS, seeds, device=torch.device("cpu"))
     for m, (single, seed) in enumerate(zip(singles, seeds)):
         rows = fit(single, subsets[m], {**train, "seed": seed}, LAMS[m], device=torch.device("cpu"))
         assert len(rows) == len(logs[m]) == 2 * 3
@@ -101,9 +103,9 @@ def test_a_few_epochs_of_ensemble_training_match_per_model_training() -> None:
             assert_within(value, reference, float_tolerance(torch.float32, scale, terms=n), err_msg=f"model {m}: {name}")
 
 
-def test_the_ensemble_stage_writes_each_model_directory_as_the_per_model_stage_does(fake_cifar10, tmp_path) -> None:  # noqa: ANN001
+def test_the_vectorized_stage_writes_each_model_directory_as_the_per_model_stage_does(fake_cifar10, tmp_path) -> None:  # noqa: ANN001
     from saliency_robustness.models import load_model
-    from saliency_robustness.stages.training import model_spec, train_ensemble_stage, train_stage
+    from saliency_robustness.stages.training import model_spec, train_stage, train_vectorized_stage
 
     root, _ = fake_cifar10
     config = validate_config(
@@ -111,13 +113,16 @@ def test_the_ensemble_stage_writes_each_model_directory_as_the_per_model_stage_d
             "experiment": "t",
             "dataset": {"kind": "cifar10"},
             "model": {"architecture": "mnist_cnn", "in_channels": 3, "image_size": 32},
-            "train": {"epochs": 1, "batch_size": 10, "lambdas": [0.0, 0.1], "ensemble": True},
+            "train": {"epochs": 1, "batch_size": 10, "lambdas": [0.0, 0.1], "vectorized": True},
         }
     )
     trains = [{**config["train"], "seed": seed} for seed in (0, 1)]
-    specs = [model_spec(f"m{i}", lam, config["dataset"], config["model"], t) for i, (lam, t) in enumerate(zip((0.0, 0.1), trains))]
-    outputs = [tmp_path / "ensemble" / s.name for s in specs]
-    train_ensemble_stage(specs=specs, dataset=config["dataset"], trains=trains, data_root=root, outputs=outputs)
+    specs = [
+        model_spec(name=f"m{i}", method="gradnorm", strength=lam, dataset=config["dataset"], model=config["model"], train=t)
+        for i, (lam, t) in enumerate(zip((0.0, 0.1), trains))
+    ]
+    outputs = [tmp_path / "vectorized" / s.name for s in specs]
+    train_vectorized_stage(specs=specs, dataset=config["dataset"], trains=trains, data_root=root, outputs=outputs)
     train_stage(spec=specs[1], dataset=config["dataset"], train=trains[1], data_root=root, output=tmp_path / "single")
     for output in outputs:
         assert sorted(p.name for p in output.iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
