@@ -10,6 +10,7 @@ the list cannot drift. An external model is the content of its weights, not wher
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -47,6 +48,15 @@ def module_file(module: str) -> Path | None:
 def _imported_modules(source: str) -> set[str]:
     """Modules of this package (dotted, relative to it) that ``source`` imports anywhere,
     also inside functions; importing ``stages.x`` also runs ``stages/__init__.py``."""
+    return set(_imports_in(source, PACKAGE_DIR))
+
+
+@functools.lru_cache(maxsize=1024)
+def _imports_in(source: str, package_dir: Path) -> frozenset[str]:
+    """:func:`_imported_modules`, parsed once per source text and package folder: every job of
+    a dry run fingerprints its stage, and parsing the same modules again for each was most of
+    the Snakefile's parse time."""
+    del package_dir  # a key only: module_file reads PACKAGE_DIR
     found: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         names: list[str] = []
@@ -62,7 +72,7 @@ def _imported_modules(source: str) -> set[str]:
                 module = ".".join(parts[1:end])
                 if module_file(module) is not None:
                     found.add(module)
-    return found
+    return frozenset(found)
 
 
 def imported_modules(module: str) -> set[str]:
