@@ -3,6 +3,7 @@ configs each stop with one line naming the problem, never with a number or a tra
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -18,8 +19,9 @@ from saliency_robustness.config import validate_config
 from saliency_robustness.data import DEFAULT_DATA_ROOT, MNIST_FILES, load_mnist, seeded_subset
 from saliency_robustness.ensemble import check_ensemble
 from saliency_robustness.errors import ConfigError, DataError, PipelineError, StoreError
-from saliency_robustness.models import CHECKPOINT, load_model
-from saliency_robustness.stores import MANIFEST, atomic_directory, open_store, write_store
+from saliency_robustness.models import load_model, load_spec
+from saliency_robustness.stores import MANIFEST, atomic_directory, open_store, write_manifest, write_store
+from saliency_robustness.vocabulary import CHECKPOINT, SPEC
 
 
 def one_line(exc: BaseException) -> str:
@@ -130,6 +132,20 @@ def test_a_damaged_checkpoint_says_what_to_delete(tiny_experiment: dict[str, Pat
         load_model(model_dir)
     message = one_line(info.value)
     assert "model.pt" in message and f"delete {model_dir}" in message
+
+
+def test_a_spec_of_the_former_format_is_refused_in_one_line(tiny_experiment: dict[str, Path], tmp_path: Path) -> None:
+    """Specs written before (method, strength) became one pair held ``lam`` and ``epsilon``: such
+    a model directory is refused (its stages rerun), never read with a guessed strength."""
+    model_dir = tmp_path / "gradnorm-lambda0-seed0"
+    shutil.copytree(tiny_experiment["model_dir"], model_dir)
+    spec = json.loads((model_dir / SPEC).read_text())
+    former = {k: v for k, v in spec.items() if k != "strength"} | {"lam": spec["strength"], "epsilon": None}
+    (model_dir / SPEC).write_text(json.dumps(former))
+    write_manifest(model_dir)  # a consistent directory: only the spec's format is wrong
+    with pytest.raises(StoreError, match=r"cannot read model spec .*spec\.json.*unexpected keyword argument 'lam'") as info:
+        load_spec(model_dir)
+    assert "\n" not in str(info.value) and f"delete {model_dir}" in str(info.value)
 
 
 def test_leftovers_of_a_killed_write_are_removed_at_the_next_start(tmp_path: Path) -> None:

@@ -6,9 +6,9 @@ the check that a refactor changed no number.
 For every Zarr store present in either run: the same variables, each with the same dims,
 dtype, attrs and bit-identical values (NaN equal to NaN, compared as raw bytes); the store
 attrs, except those that name when and from which commit it was written (``created``,
-``git_commit``) and what it was computed from (``computed_from``: content digests, which move
-when a model directory's ``spec.json`` changes format), are equal, and a difference there is
-listed. Model directories: ``model.pt`` tensors bit-identical, ``training_log.csv`` equal, and
+``git_commit``), how long it took (``attack_seconds``) and what it was computed from
+(``computed_from``: content digests, which move when a model directory's ``spec.json`` changes
+format), are equal, and a difference there is listed. Model directories: ``model.pt`` tensors bit-identical, ``training_log.csv`` equal, and
 ``test_accuracy.json`` equal but for ``train_seconds``. CSV tables: byte-identical.
 
 Prints one line per difference and a count; exits 1 when a value differs.
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-#: store attrs that name the writing, not the result
-WRITING_ATTRS = {"created", "git_commit", "computed_from"}
+#: store attrs that name the writing, not the result (its time, commit, inputs' digests, duration)
+WRITING_ATTRS = {"created", "git_commit", "computed_from", "attack_seconds"}
 
 
 def stores(root: Path) -> list[Path]:
@@ -37,8 +37,8 @@ def same_values(a: xr.Variable, b: xr.Variable) -> bool:
     if a.dtype != b.dtype or a.dims != b.dims or a.shape != b.shape:
         return False
     x, y = np.asarray(a.values), np.asarray(b.values)
-    if x.dtype.kind == "O":
-        return bool((x == y).all())
+    if x.dtype.kind in "OTU":  # strings: compared as text (a variable-length array's bytes hold pointers)
+        return x.tolist() == y.tolist()
     return np.ascontiguousarray(x).tobytes() == np.ascontiguousarray(y).tobytes()
 
 

@@ -127,7 +127,7 @@ def load_spec(model_dir: Path | str) -> ModelSpec:
     try:
         return ModelSpec.from_json(path.read_text())
     except (OSError, ValueError, TypeError) as exc:
-        raise StoreError(f"cannot read model spec {path}: {one_line(exc)}") from None
+        raise StoreError(f"cannot read model spec {path}: {one_line(exc)}; delete {model_dir} and rerun snakemake (it retrains the model)") from None
 
 
 def load_model(model_dir: Path | str, device: torch.device | str = "cpu") -> nn.Module:
