@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         counted += n
     models = sorted(p.name for p in (args.before / "models").iterdir() if (p / "model.pt").is_file())
     for model in models:
+        if not (args.after / "models" / model / "model.pt").is_file():
+            values.append(f"models/{model}: only in the first run")
+            continue
         values += compare_model_dir(args.before / "models" / model, args.after / "models" / model)
     for csv in sorted(p.relative_to(args.before) for p in args.before.glob("*.csv")):
         if (args.before / csv).read_bytes() != (args.after / csv).read_bytes():

@@ -108,7 +108,7 @@ def fit_vectorized(
         stack = StackedModels(models, train, lams, device)
         scheduler = make_scheduler(stack.optimizer, train)
         data = [DeviceBatches(t, {**train, "seed": seed}, device) for t, seed in zip(tensors, seeds)]  # type: ignore[arg-type]
-        log_ = StepLog([f"lambda={lam:g} (model {m} of the vectorised stack); lower lambda" for m, lam in enumerate(lams)])
+        steps = StepLog([f"lambda={lam:g} (model {m} of the vectorised stack); lower lambda" for m, lam in enumerate(lams)])
         step = 0
         for epoch in range(train["epochs"]):
             torch.manual_seed(epoch_seed(seeds[0], epoch))  # the stack's dropout draws
@@ -123,10 +123,10 @@ def fit_vectorized(
                 stack.optimizer.zero_grad(set_to_none=True)
                 per_model = values.double() / torch.tensor([1, 1, 1, len(y[0])], dtype=torch.float64, device=values.device)
                 row = {"step": step, "epoch": epoch + 1, "learning_rate": stack.optimizer.param_groups[0]["lr"]}
-                log_.record(row, per_model, last=i + 1 == len(batches))
+                steps.record(row, per_model, last=i + 1 == len(batches))
                 step += 1
             scheduler.step()
-            log.info("epoch %d: loss %s", epoch + 1, " ".join(f"{rows[-1]['loss']:.4f}" for rows in log_.rows))
+            log.info("epoch %d: loss %s", epoch + 1, " ".join(f"{rows[-1]['loss']:.4f}" for rows in steps.rows))
         for model, state in zip(models, stack.state_dicts()):
             model.load_state_dict(state)
-    return log_.rows
+    return steps.rows
