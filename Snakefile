@@ -27,6 +27,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/saliency.smk"
 include: "workflow/rules/attacks.smk"
 include: "workflow/rules/metrics.smk"
+include: "workflow/rules/quality.smk"
 include: "workflow/rules/summary.smk"
 include: "workflow/rules/figures.smk"
 
@@ -35,6 +36,7 @@ include: "workflow/rules/figures.smk"
 localrules:
     all,
     summary,
+    concordance,
     figure,
 
 

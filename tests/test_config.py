@@ -16,12 +16,32 @@ from saliency_robustness.grid import GridPoint, external_models, model_grid
 from saliency_robustness.vocabulary import MODEL_NAME_PATTERN, grid_point_name, model_name, parse_model_name
 
 CONFIGS = sorted((REPO / "config").glob("*.yaml"))
+OVERLAY_PREFIX = "with-"  # config/with-*.yaml: overlays, given after an experiment's own config file
+
+
+def merged(base: dict, overlay: dict) -> dict:
+    """``overlay`` over ``base``, section by section, as Snakemake merges several --configfile."""
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_are_valid(path) -> None:  # noqa: ANN001
-    config = validate_config(yaml.safe_load(path.read_text()))
+    raw = yaml.safe_load(path.read_text())
+    if path.name.startswith(OVERLAY_PREFIX):
+        raw = merged(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), raw)
+    config = validate_config(raw)
     assert model_grid(config) or external_models(config)
+
+
+def test_the_quality_overlay_switches_only_the_quality_measures_on() -> None:
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    with_quality = validate_config(merged(base, yaml.safe_load((REPO / "config" / "with-quality.yaml").read_text())))
+    without = validate_config(base)
+    assert with_quality["quality"]["enabled"] and not without["quality"]["enabled"]
+    assert {k: v for k, v in with_quality.items() if k != "quality"} == {k: v for k, v in without.items() if k != "quality"}
 
 
 def test_defaults_are_filled_in_nested_sections() -> None:
@@ -46,6 +66,10 @@ def test_defaults_are_filled_in_nested_sections() -> None:
             "config key 'attacks.store_adversarials'",
         ),
         ({"experiment": "x", "attacks": {"ensemble": {"df": {"kwargs": {}}}}}, "missing config key 'attacks.ensemble.df.attack'"),
+        ({"experiment": "x", "quality": {"road": {"fractions": [0.5, 0.2]}}}, "config key 'quality.road.fractions': [0.5, 0.2] must increase"),
+        ({"experiment": "x", "quality": {"road": {"fractions": [0.5, 1.0]}}}, "config key 'quality.road.fractions.1'"),
+        ({"experiment": "x", "quality": {"max_sensitivity": {"radius": 0}}}, "config key 'quality.max_sensitivity.radius'"),
+        ({"experiment": "x", "quality": {"enabled": "true"}}, "config key 'quality.enabled'"),
     ],
 )
 def test_bad_config_is_rejected_in_one_line_naming_the_key(config: dict, message: str) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from conftest import ROUNDING_LAMBDA, assert_within, float_tolerance, logit_operands, reduction_terms
 from saliency_robustness.architectures import MnistCNN
+from saliency_robustness.attributions import logit_gradient
 from saliency_robustness.explanation_quality import (
     NEIGHBOUR_WEIGHTS,
     gaussian_perturbations,
@@ -19,7 +20,6 @@ from saliency_robustness.explanation_quality import (
     imputation_system,
     infidelity,
     infidelity_of_perturbations,
-    logit_gradient,
     max_sensitivity,
     noisy_linear_imputation,
     removal_counts,

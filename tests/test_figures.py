@@ -286,7 +286,7 @@ DISTANCE_AXIS = f"{DISTANCE} (mean over seeds of per-model medians)"
 
 def test_the_stage_draws_the_listed_figures_in_their_order() -> None:
     assert tuple(FIGURES) == figure_list.FIGURE_NAMES
-    assert len(FIGURES) == 9 and figure_list.LAMBDA_FIGURES < set(FIGURES)
+    assert len(FIGURES) == 10 and figure_list.LAMBDA_FIGURES < set(FIGURES) and figure_list.QUALITY_FIGURES < set(FIGURES)
 
 
 def test_the_figure_list_imports_no_plotting_library() -> None:
@@ -302,10 +302,15 @@ def test_the_figure_list_imports_no_plotting_library() -> None:
 
 def test_figures_against_lambda_need_gradient_norm_models() -> None:
     every = list(figure_list.FIGURE_NAMES)
-    assert figure_list.figures_for([GRADNORM]) == every == figure_list.figures_for([ADVERSARIAL, GRADNORM, EXTERNAL])
-    assert figure_list.figures_for([ADVERSARIAL, EXTERNAL]) == [f for f in every if f not in figure_list.LAMBDA_FIGURES]
-    assert set(every) - set(figure_list.figures_for([EXTERNAL])) == {"accuracy_robustness_vs_lambda", "decomposition_terms"}
-    assert figure_list.figures_for([ADVERSARIAL]) == figure_list.figures_for([EXTERNAL])
+    assert figure_list.figures_for([GRADNORM], quality=True) == every == figure_list.figures_for([ADVERSARIAL, GRADNORM, EXTERNAL], quality=True)
+    assert figure_list.figures_for([ADVERSARIAL, EXTERNAL], quality=True) == [f for f in every if f not in figure_list.LAMBDA_FIGURES]
+    assert set(every) - set(figure_list.figures_for([EXTERNAL], quality=True)) == {"accuracy_robustness_vs_lambda", "decomposition_terms"}
+    assert figure_list.figures_for([ADVERSARIAL], quality=True) == figure_list.figures_for([EXTERNAL], quality=True)
+
+
+def test_quality_figures_need_the_quality_measures() -> None:
+    without = figure_list.figures_for([GRADNORM], quality=False)
+    assert set(figure_list.FIGURE_NAMES) - set(without) == set(figure_list.QUALITY_FIGURES) == {"quality_concordance"}
 
 
 def test_grid_points_are_labelled_by_their_methods_strength() -> None:

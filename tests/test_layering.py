@@ -13,7 +13,8 @@ BASE = sorted(path.stem for path in PACKAGE_DIR.glob("*.py") if path.stem != "__
 
 
 def test_the_stages_are_the_pipelines_steps() -> None:
-    assert STAGES == [f"stages.{s}" for s in sorted(("training", "external", "saliency", "attacks", "metrics", "summary", "figures"))]
+    steps = ("training", "external", "saliency", "attacks", "metrics", "quality", "summary", "concordance", "figures")
+    assert STAGES == [f"stages.{s}" for s in sorted(steps)]
     assert "evaluation" in BASE and "ensemble" in BASE and "robustness" in BASE
 
 

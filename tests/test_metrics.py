@@ -21,10 +21,11 @@ from conftest import (
     reduction_terms,
 )
 from saliency_robustness.architectures import resnet_small
+from saliency_robustness.attributions import AttributionOptions
 from saliency_robustness.errors import PipelineError, StoreError
 from saliency_robustness.models import load_model
 from saliency_robustness.stages.metrics import METRICS, compute_metrics, metrics_stage
-from saliency_robustness.stages.saliency import AttributionOptions, saliency_stage
+from saliency_robustness.stages.saliency import saliency_stage
 from saliency_robustness.stores import computed_from, open_store, write_store
 
 SHAPE = (1, 4, 4)

@@ -11,9 +11,10 @@ import xarray as xr
 from torch import nn
 
 from conftest import assert_within, float_tolerance, reduction_terms, tanh_mlp_operands
+from saliency_robustness.attributions import AttributionOptions
 from saliency_robustness.data import InputSpace
 from saliency_robustness.models import load_model
-from saliency_robustness.stages.saliency import AttributionOptions, compute_saliency, saliency_stage
+from saliency_robustness.stages.saliency import compute_saliency, saliency_stage
 
 
 def smooth_model() -> nn.Module:

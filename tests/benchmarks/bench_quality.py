@@ -21,11 +21,11 @@ import torch
 from bench_metrics import best_time  # the script's folder is on sys.path when it runs
 
 from saliency_robustness.architectures import MnistCNN
+from saliency_robustness.attributions import logit_gradient
 from saliency_robustness.explanation_quality import (
     ORDERS,
     gini,
     infidelity,
-    logit_gradient,
     max_sensitivity,
     noisy_linear_imputation,
     removal_masks,

@@ -25,12 +25,10 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from saliency_robustness.stacking import load_stacked
+from saliency_robustness.stacking import grid_points, healthy_models, load_stacked
 from saliency_robustness.stages.summary import (
-    _grid_points,
     _masked,
     grid_statistics,
-    healthy_models,
     quantities,
     subset_mask,
     trend_statistics,
@@ -44,7 +42,7 @@ def former_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> tuple[x
     """Grid-point means, gains and trends with the former intervals: a percentile bootstrap over
     seeds within grid points and images (the estimates equal the summary's)."""
     grid, trend = grid_statistics(stacked, options), trend_statistics(stacked, options)
-    points = _grid_points(stacked, healthy_models(stacked))
+    points = grid_points(stacked, healthy_models(stacked))
     found = trends(stacked)
     summarised = quantities(stacked)
     names = list(points)

@@ -5,7 +5,7 @@ import sys
 
 from saliency_robustness.config import DATASET_CLASSES, validate_config
 from saliency_robustness.errors import PipelineError
-from saliency_robustness.figure_list import figures_for
+from saliency_robustness.figure_list import QUALITY_FIGURES, figures_for
 from saliency_robustness.fingerprints import (
     checked_once,
     code_fingerprint,
@@ -68,7 +68,10 @@ EXTERNAL_NAME_PATTERN = "|".join(re.escape(name) for name in EXTERNAL_MODELS) or
 ATTACKS = config["attacks"]["ensemble"]  # name -> {attack, kwargs, refine}
 ATTACK_NAMES = sorted(ATTACKS)  # sorted: the config's key order must not look like a change
 BASE_ATTACKS = [name for name in ATTACK_NAMES if not ATTACKS[name]["refine"]]
-FIGURES = figures_for([*train_methods(config["train"]), *([EXTERNAL] if EXTERNAL_MODELS else [])])
+QUALITY_ENABLED = config["quality"]["enabled"]  # explanation-quality measures and their concordance
+# what the quality stage computes (switching it on or off is not a change of its stores)
+QUALITY = {k: v for k, v in config["quality"].items() if k != "enabled"}
+FIGURES = figures_for([*train_methods(config["train"]), *([EXTERNAL] if EXTERNAL_MODELS else [])], quality=QUALITY_ENABLED)
 
 
 wildcard_constraints:
@@ -164,6 +167,10 @@ def attack_store(model, attack):
     return f"{RESULTS}/attacks/{model}/{attack}.zarr"
 
 
+def quality_store(model):
+    return f"{RESULTS}/quality/{model}.zarr"
+
+
 def metrics_store(model):
     return f"{RESULTS}/metrics/{model}.zarr"
 
@@ -206,11 +213,14 @@ def summary_inputs(wildcards):
 
 
 def figure_inputs(wildcards):
-    return {
+    inputs = {
         "summary": f"{RESULTS}/summary.zarr",
         "eval": EVAL_STORE,
         "saliency": [saliency_store(m) for m in MODELS],
     }
+    if wildcards.figure in QUALITY_FIGURES:
+        inputs["concordance"] = f"{RESULTS}/concordance.zarr"
+    return inputs
 
 
 def final_targets():
@@ -219,4 +229,5 @@ def final_targets():
         + [model_dir(m) for m in MODELS]
         + [metrics_store(m) for m in MODELS]
         + expand(f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=FIGURES, ext=["png", "pdf"])
+        + ([f"{RESULTS}/summary_concordance.csv"] if QUALITY_ENABLED else [])
     )

@@ -128,6 +128,9 @@ def validate_config(config: Mapping[str, Any], schema_path: Path | str = SCHEMA_
             "config key 'attacks.store_adversarials': must be true when an attack has refine: true "
             "(it starts from the other attacks' stored adversarials)"
         )
+    fractions = checked["quality"]["road"]["fractions"]
+    if any(b <= a for a, b in zip(fractions, fractions[1:])):
+        raise ConfigError(f"config key 'quality.road.fractions': {fractions} must increase strictly")
     return checked
 
 

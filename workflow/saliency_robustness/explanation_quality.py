@@ -26,7 +26,7 @@ an image's value depends on how the images are batched, like the saliency stage'
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +34,8 @@ import torch
 from scipy import sparse
 from scipy.sparse.linalg import splu
 from torch import nn
+
+from saliency_robustness.attributions import Explanation
 
 #: ROAD's noisy linear imputation (Rong et al. 2022): a removed pixel is the weighted mean of its 8 neighbours,
 #: ``((dy, dx), weight)``: 1/6 for the 4 direct neighbours, 1/12 for the 4 diagonal ones (they sum to 1)
@@ -53,8 +55,19 @@ ORDERS = (MORF, LERF)
 #: the most unknowns factorised at once (bounds the LU's memory; whole images at a time, at least one)
 _SOLVE_UNKNOWNS = 1 << 18
 
-#: an explanation function: ``(model, inputs (M, C, H, W), target class (M,)) -> map (M, C, H, W)``
-Explanation = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+#: every per-image measure the quality stage stores: name -> (long name, units); all but the ROAD curves are
+#: ``(attribution, sample)``, the curves ``(attribution, sample, fraction)``
+QUALITY_MEASURES: dict[str, tuple[str, str]] = {
+    "gini": ("Gini index of |a| over channels and pixels (sparseness; higher: sparser)", "1"),
+    "road_morf": ("ROAD: predicted-class probability after removing the most relevant pixels first (imputed)", "1"),
+    "road_lerf": ("ROAD: predicted-class probability after removing the least relevant pixels first (imputed)", "1"),
+    "road_area": ("ROAD: area between the LeRF and MoRF curves over the fractions (faithfulness; higher: more faithful)", "1"),
+    "max_sensitivity": ("max-sensitivity: largest relative change of the map under L-inf perturbations (lower: more stable)", "1"),
+    "infidelity": ("infidelity: mean squared error of <I, a> as a prediction of the logit's drop (lower: more faithful)", "logit^2"),
+}
+#: the per-image summaries (one number per image and map) the concordance ranks models by
+QUALITY_SCORES = ("gini", "road_area", "max_sensitivity", "infidelity")
+
 
 
 def _require_eval(model: nn.Module) -> None:
@@ -260,19 +273,6 @@ def road(
 
 
 # --- sensitivity and infidelity (Captum) --------------------------------------------------------
-
-
-def logit_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``grad_x Psi^{target}(x)`` per image (the saliency map of docs/spec.md §2 when ``target`` is the predicted
-    class), from one forward and one reverse pass with gradients enabled, whatever the caller's grad mode. A single
-    target applies to every image (Captum does not expand a one-element target)."""
-    target = target.reshape(-1).to(x.device)
-    if len(target) == 1:
-        target = target.expand(len(x))
-    with torch.enable_grad():
-        inputs = x.detach().requires_grad_(True)
-        (gradient,) = torch.autograd.grad(model(inputs).gather(1, target[:, None]).sum(), inputs)
-    return gradient
 
 
 def max_sensitivity(

@@ -22,14 +22,22 @@ FIGURE_NAMES = (
     "bound_decomposition",
     "decomposition_terms",
     "attribution_alignment_vs_robustness",
+    "quality_concordance",
 )
 
 #: the figures drawn against lambda: only gradient-norm models have one
 LAMBDA_FIGURES = frozenset({"accuracy_robustness_vs_lambda", "decomposition_terms"})
+#: the figures of the explanation-quality measures (config ``quality.enabled``), drawn from concordance.zarr
+QUALITY_FIGURES = frozenset({"quality_concordance"})
 
 
-def figures_for(methods: Iterable[str]) -> list[str]:
+def figures_for(methods: Iterable[str], *, quality: bool) -> list[str]:
     """The figures of an experiment whose models come from ``methods`` (gradnorm, adversarial,
-    external): all of them, but those against lambda only with gradient-norm models."""
+    external): all of them, but those against lambda only with gradient-norm models, and those
+    of the explanation-quality measures only when ``quality`` is on."""
     methods = set(methods)
-    return [name for name in FIGURE_NAMES if name not in LAMBDA_FIGURES or GRADNORM in methods]
+    return [
+        name
+        for name in FIGURE_NAMES
+        if (name not in LAMBDA_FIGURES or GRADNORM in methods) and (name not in QUALITY_FIGURES or quality)
+    ]

@@ -52,13 +52,15 @@ SUBSET_DESCRIPTIONS = {"all": "all evaluation images", "correct": "correctly cla
 
 @dataclass(frozen=True)
 class FigureInputs:
-    """What a figure draws from: the summary store and the figure options, and for the
-    gallery the evaluation images and the saliency stores by model name."""
+    """What a figure draws from: the summary store and the figure options, for the gallery the
+    evaluation images and the saliency stores by model name, and for the explanation-quality
+    figures the concordance store."""
 
     summary: xr.Dataset
     options: Mapping[str, Any]
     eval_ds: xr.Dataset | None = None
     saliency: Mapping[str, xr.Dataset] = field(default_factory=dict)
+    concordance: xr.Dataset | None = None  # concordance.zarr, for the explanation-quality figures
 
     @property
     def subset(self) -> str:

@@ -164,3 +164,18 @@ def load_stacked(
     performance = {m: read_test_accuracy(d) for m, d in zip(models, model_dirs)}
     machines = {m: read_machine(d) for m, d in zip(models, model_dirs)}
     return stack_models(metrics, specs, performance, attributes, machines)
+
+
+def healthy_models(stacked: xr.Dataset) -> list[str]:
+    """The models that are not degenerate: those the grid-point and trend statistics use."""
+    return [str(m) for m, bad in zip(stacked["model"].values, stacked["degenerate"].values) if not bad]
+
+
+def grid_points(stacked: xr.Dataset, healthy: Sequence[str]) -> dict[str, list[str]]:
+    """Grid-point label -> its non-degenerate models, in model order."""
+    points: dict[str, list[str]] = {}
+    for model, label in zip(stacked["model"].values, stacked["setting"].values):
+        points.setdefault(str(label), [])
+        if str(model) in healthy:
+            points[str(label)].append(str(model))
+    return points

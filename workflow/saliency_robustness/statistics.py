@@ -202,3 +202,18 @@ def rank_correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     rx, ry = rx - rx.mean(axis=-1, keepdims=True), ry - ry.mean(axis=-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         return (rx * ry).sum(axis=-1) / np.sqrt((rx**2).sum(axis=-1) * (ry**2).sum(axis=-1))
+
+
+def kendall_tau(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Kendall's tau-b of ``x`` and ``y`` along the last axis (``scipy.stats.kendalltau``'s default, which
+    corrects for ties): ``(concordant - discordant) / sqrt((n0 - ties_x) (n0 - ties_y))`` over the ``n0``
+    pairs; NaN where either is constant or any value is not finite."""
+    x, y = np.broadcast_arrays(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+    sx = np.sign(x[..., :, None] - x[..., None, :])
+    sy = np.sign(y[..., :, None] - y[..., None, :])
+    upper = np.triu(np.ones(x.shape[-1:] * 2, dtype=bool), k=1)
+    sx, sy = sx[..., upper], sy[..., upper]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tau = (sx * sy).sum(axis=-1) / np.sqrt((sx != 0).sum(axis=-1) * (sy != 0).sum(axis=-1))
+    finite = np.isfinite(x).all(axis=-1) & np.isfinite(y).all(axis=-1)
+    return np.where(finite, tau, np.nan)

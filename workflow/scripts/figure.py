@@ -11,4 +11,5 @@ with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
         saliency_stores=list(sm.input.saliency),
         outputs=[sm.output.png, sm.output.pdf],
         options=sm.params.options,
+        concordance_store=sm.input.get("concordance"),
     )

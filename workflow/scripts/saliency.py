@@ -1,7 +1,8 @@
 """Saliency maps of one model into saliency/<model>.zarr."""
 
+from saliency_robustness.attributions import AttributionOptions
 from saliency_robustness.runtime import script_main
-from saliency_robustness.stages.saliency import AttributionOptions, saliency_stage
+from saliency_robustness.stages.saliency import saliency_stage
 
 with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
     saliency_stage(

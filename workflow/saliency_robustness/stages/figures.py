@@ -15,6 +15,7 @@ are ``plotting``'s; the saliency gallery is ``gallery``'s.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,7 +31,17 @@ import xarray as xr
 from saliency_robustness.errors import PipelineError, one_line
 from saliency_robustness.figure_list import FIGURE_NAMES, figures_for
 from saliency_robustness.gallery import saliency_gallery
-from saliency_robustness.plotting import METHOD_STYLE, FigureInputs, display_label, errorbar, footer, palette, trend_text
+from saliency_robustness.plotting import (
+    METHOD_STYLE,
+    SUBSET_DESCRIPTIONS,
+    FigureInputs,
+    display_label,
+    errorbar,
+    footer,
+    level_text,
+    palette,
+    trend_text,
+)
 from saliency_robustness.stores import content_digest, open_store
 from saliency_robustness.vocabulary import ATTRIBUTION_LABELS, EXTERNAL, GRADIENT, GRADNORM, GRID_STATISTICS, MODEL_STATISTICS
 
@@ -261,6 +272,72 @@ def attribution_alignment_vs_robustness(inputs: FigureInputs) -> plt.Figure:
     footer(fig, summary, subset)
     return fig
 
+#: how the concordance figure names the quantities the models are ranked by (arrow: a better explanation)
+RANKING_NAMES = {
+    "alignment": "alignment α ↑",
+    "robustness": "robustness ρ ↑",
+    "gini": "Gini ↑",
+    "road_area": "ROAD area ↑",
+    "max_sensitivity": "max-sensitivity ↓",
+    "infidelity": "infidelity ↓",
+}
+
+
+def quality_concordance(inputs: FigureInputs) -> plt.Figure:
+    """One τ matrix per attribution map: Kendall's tau between the model rankings by the map's alignment, by
+    robustness and by each explanation-quality score, each cell with its interval (concordance.zarr)."""
+    if inputs.concordance is None:
+        raise PipelineError("figure quality_concordance needs the concordance store (config quality.enabled)")
+    ds, subset = inputs.concordance.sel(subset=inputs.subset), inputs.subset
+    attributions = [str(a) for a in ds["attribution"].values]
+    rankings = [str(r) for r in ds["ranking"].values]
+    rows, columns = rankings[1:], rankings[:-1]  # the lower triangle without the diagonal
+    fig, axes = plt.subplots(1, len(attributions), figsize=(7.4 * len(attributions), 6.4), layout="constrained", squeeze=False)
+    below = np.tril(np.ones((len(rows), len(columns)), dtype=bool))
+    for k, (ax, attribution) in enumerate(zip(axes[0], attributions)):
+        cell = ds.sel(attribution=attribution, ranking=rows, ranking_other=columns)
+        tau, low, high = (cell[v].values for v in ("concordance_tau", "concordance_tau_ci_low", "concordance_tau_ci_high"))
+        text = np.vectorize(lambda t, lo, hi: f"{t:+.2f}\n[{lo:+.2f}, {hi:+.2f}]" if np.isfinite(t) else "n/a")(tau, low, high)
+        sns.heatmap(
+            pd.DataFrame(tau, index=[RANKING_NAMES.get(r, r) for r in rows], columns=[RANKING_NAMES.get(r, r) for r in columns]),
+            mask=~below,
+            annot=text,
+            fmt="",
+            vmin=-1,
+            vmax=1,
+            cmap="vlag",
+            cbar=k == len(attributions) - 1,
+            cbar_kws={"label": "Kendall τ", "shrink": 0.7},
+            annot_kws={"fontsize": 8},
+            square=True,
+            ax=ax,
+        )
+        ax.grid(False)
+        ax.tick_params(axis="x", labelrotation=35)
+        ax.tick_params(axis="y", labelrotation=0)
+        ax.set_title(f"{ATTRIBUTION_LABELS.get(attribution, attribution)} (α of this map)", fontsize="medium")
+    kinds = sorted({str(v) for v in ds["concordance_interval"].values.ravel()} - {"identity", ""})
+    level = level_text(inputs.concordance)  # the concordance stage's own level
+    n_models = int(ds["concordance_n_models"])
+    fig.suptitle(f"Do the measures rank the models alike? Kendall τ of per-model medians, {n_models} models", fontsize="medium")
+    n = inputs.concordance["quality_n_images"].sel(subset=subset).values
+    excluded = json.loads(inputs.concordance.attrs.get("excluded_degenerate_models", "[]"))
+    fig.text(
+        0.01,
+        -0.01,
+        f"{SUBSET_DESCRIPTIONS[subset]}: {n.min() if n.min() == n.max() else f'{n.min()}–{n.max()}'} per model and map (all six quantities "
+        f"finite). Each cell: τ and its {level} "
+        f"interval ({'; '.join(kinds) or 'none'}: {'the τ a retraining with new seeds gives' if 'rerun' in kinds else 'images resampled only'})."
+        " ↑/↓: the direction of a better explanation (or a more robust model). τ > 0: the two order the models alike; where one"
+        " arrow is ↑ and the other ↓, agreement on which models are better is τ < 0."
+        + (f" Degenerate, left out: {', '.join(excluded)}." if excluded else ""),
+        ha="left",
+        va="top",
+        fontsize="x-small",
+        wrap=True,
+    )
+    return fig
+
 
 #: every figure the workflow draws, by name, in ``figure_list.FIGURE_NAMES``'s order
 FIGURES: dict[str, Callable[[FigureInputs], plt.Figure]] = {
@@ -273,6 +350,7 @@ FIGURES: dict[str, Callable[[FigureInputs], plt.Figure]] = {
     "bound_decomposition": bound_decomposition,
     "decomposition_terms": decomposition_terms,
     "attribution_alignment_vs_robustness": attribution_alignment_vs_robustness,
+    "quality_concordance": quality_concordance,
 }
 if tuple(FIGURES) != FIGURE_NAMES:  # the Snakefile's list of figures is figure_list's
     raise ImportError(f"stages.figures draws {list(FIGURES)}, but figure_list names {list(FIGURE_NAMES)}")
@@ -296,8 +374,10 @@ def figure_stage(
     saliency_stores: Sequence[str | Path],
     outputs: Sequence[str | Path],
     options: Mapping[str, Any],
+    concordance_store: str | Path | None = None,
 ) -> None:
-    """Draw ``figure`` from the summary (and, for the gallery, the images and saliency maps)."""
+    """Draw ``figure`` from the summary (and, for the gallery, the images and saliency maps; for the
+    explanation-quality figures, the concordance store)."""
     matplotlib.use("Agg")  # files only, also where a display is set
     sns.set_theme(context="notebook", style="whitegrid")
     summary = open_store(summary_store).load()
@@ -307,7 +387,9 @@ def figure_stage(
         expect = {"eval_digest": content_digest(eval_store)}
         stores = {name: open_store(p, ["saliency"], expect={**expect, "model": name}) for name, p in zip(names, saliency_stores)}
         inputs = FigureInputs(summary, options, open_store(eval_store, ["images", "label"]), stores)
-    if figure not in figures_for(inputs.methods):
+    if concordance_store is not None:
+        inputs = FigureInputs(summary, options, concordance=open_store(concordance_store, ["concordance_tau"]).load())
+    if figure not in figures_for(inputs.methods, quality=inputs.concordance is not None):
         raise PipelineError(f"figure {figure} is drawn against lambda, and {summary_store} has no {GRADNORM} model")
     check_plottable(summary, figure, inputs.subset)
     try:

@@ -4,11 +4,11 @@ The saliency of the paper is ``g = grad_x Psi^{i*}(x)`` with ``i* = F(x)`` the m
 prediction, not the gradient of the loss at the true label. It lives in the model's input
 space (docs/spec.md §5), the space of the evaluation store's ``images``.
 
-Beyond the paper, the attribution methods people use are computed through Captum, all of the
-predicted-class logit and signed (never absolute values): SmoothGrad (Captum's ``NoiseTunnel``
-over ``Saliency`` with ``abs=False``) and Integrated Gradients, with its completeness error
-``sum IG - (Psi^{i*}(x) - Psi^{i*}(baseline))`` per image (docs/spec.md §2). They are stored
-as ``attribution_map(attribution, sample, channel, y, x)``, the gradient among them.
+Beyond the paper, the attribution methods people use (:mod:`saliency_robustness.attributions`:
+SmoothGrad and Integrated Gradients through Captum, of the predicted-class logit and signed) are
+stored as ``attribution_map(attribution, sample, channel, y, x)``, the gradient among them, with
+Integrated Gradients' completeness error ``sum IG - (Psi^{i*}(x) - Psi^{i*}(baseline))`` per image
+(docs/spec.md §2).
 
 Evaluation mode, batching and store attributes come from :mod:`saliency_robustness.evaluation`.
 """
@@ -16,16 +16,14 @@ Evaluation mode, batching and store attributes come from :mod:`saliency_robustne
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import xarray as xr
 from torch import nn
 
+from saliency_robustness.attributions import AttributionOptions, captum_attributions, predicted_logit_gradient
 from saliency_robustness.data import InputSpace
 from saliency_robustness.evaluation import (
     IMAGE_DIMS,
@@ -44,97 +42,8 @@ from saliency_robustness.evaluation import (
 from saliency_robustness.models import load_model
 from saliency_robustness.runtime import resolve_device
 from saliency_robustness.stores import open_store, write_store
-from saliency_robustness.vocabulary import ATTRIBUTIONS, GRADIENT
 
 log = logging.getLogger(__name__)
-
-
-def predicted_logit_gradient(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logits, prediction, grad_x Psi^{i*}(x))`` of one batch from one forward and one backward pass."""
-    logits = model(x)
-    prediction = logits.argmax(dim=1)
-    (gradient,) = torch.autograd.grad(logits.gather(1, prediction[:, None]).sum(), x)
-    return logits.detach(), prediction, gradient
-
-
-@dataclass(frozen=True)
-class AttributionOptions:
-    """The ``saliency`` section's attribution methods and the options of each (the validated
-    config's: the schema holds the defaults)."""
-
-    methods: Sequence[str]
-    smoothgrad: Mapping[str, Any]
-    integrated_gradients: Mapping[str, Any]
-
-    @classmethod
-    def gradient_only(cls) -> AttributionOptions:
-        """The paper's saliency map alone."""
-        return cls((GRADIENT,), {}, {})
-
-    @property
-    def names(self) -> list[str]:
-        """The methods in a fixed order, the gradient always first."""
-        unknown = set(self.methods) - set(ATTRIBUTIONS)
-        if unknown:
-            raise ValueError(f"unknown attribution method(s) {sorted(unknown)} (known: {', '.join(ATTRIBUTIONS)})")
-        return [m for m in ATTRIBUTIONS if m == GRADIENT or m in self.methods]
-
-    def as_config(self) -> dict[str, Any]:
-        """The methods computed and the options of each (for the store's provenance)."""
-        return {"methods": self.names, **{m: dict(getattr(self, m)) for m in self.names[1:]}}
-
-    @classmethod
-    def from_config(cls, saliency: Mapping[str, Any]) -> AttributionOptions:
-        return cls(saliency["methods"], saliency["smoothgrad"], saliency["integrated_gradients"])
-
-
-def ig_baseline(x: torch.Tensor, kind: str, space: InputSpace) -> torch.Tensor:
-    """Integrated Gradients' starting point: zero in the input space, or the black image."""
-    if kind == "zero":
-        return torch.zeros_like(x)
-    if kind == "black":
-        return torch.zeros_like(x) - space.offset_tensor(x.device).to(x.dtype)
-    raise ValueError(f"unknown baseline {kind!r} (known: zero, black)")
-
-
-def captum_attributions(
-    model: nn.Module, x: torch.Tensor, prediction: torch.Tensor, options: AttributionOptions, space: InputSpace, seed: int
-) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """The Captum maps of one batch (signed, of the predicted logit) and, with Integrated
-    Gradients, its completeness error per image. SmoothGrad's noise is drawn from ``seed``
-    without touching the global random state."""
-    from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
-
-    maps: dict[str, torch.Tensor] = {}
-    completeness = None
-    x = x.detach()
-    if "smoothgrad" in options.methods:
-        tunnel = NoiseTunnel(Saliency(model))
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            maps["smoothgrad"] = tunnel.attribute(
-                x,
-                nt_type="smoothgrad",
-                nt_samples=int(options.smoothgrad["n"]),
-                nt_samples_batch_size=len(x),
-                stdevs=float(options.smoothgrad["sigma"]),
-                target=prediction,
-                abs=False,  # signed maps: abs=True (Saliency's default) would destroy <x, a>
-            ).detach()
-    if "integrated_gradients" in options.methods:
-        ig = IntegratedGradients(model, multiply_by_inputs=True)
-        attribution, delta = ig.attribute(
-            x,
-            baselines=ig_baseline(x, str(options.integrated_gradients["baseline"]), space),
-            target=prediction,
-            n_steps=int(options.integrated_gradients["steps"]),
-            method="gausslegendre",
-            internal_batch_size=len(x),
-            return_convergence_delta=True,
-        )
-        maps["integrated_gradients"] = attribution.detach()
-        completeness = delta.detach()
-    return maps, completeness
 
 
 def compute_saliency(

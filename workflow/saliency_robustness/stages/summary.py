@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from saliency_robustness.stacking import load_stacked
+from saliency_robustness.stacking import grid_points, healthy_models, load_stacked
 from saliency_robustness.statistics import (
     BootstrapOptions,
     finite_spearman,
@@ -180,28 +180,13 @@ def model_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
     return ds
 
 
-def healthy_models(stacked: xr.Dataset) -> list[str]:
-    """The models that are not degenerate: those the grid-point and trend statistics use."""
-    return [str(m) for m, bad in zip(stacked["model"].values, stacked["degenerate"].values) if not bad]
-
-
-def _grid_points(stacked: xr.Dataset, healthy: Sequence[str]) -> dict[str, list[str]]:
-    """Grid-point label -> its non-degenerate models, in model order."""
-    points: dict[str, list[str]] = {}
-    for model, label in zip(stacked["model"].values, stacked["setting"].values):
-        points.setdefault(str(label), [])
-        if str(model) in healthy:
-            points[str(label)].append(str(model))
-    return points
-
-
 def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Dataset:
     """Per grid point and subset: mean over seeds of the per-model medians with its CI
     (``statistics.seed_interval``), the spread (standard deviation) of the medians over seeds, and the
     gain over the method's first grid point (its smallest strength) with its CI, the images
     paired."""
     healthy = healthy_models(stacked)
-    points = _grid_points(stacked, healthy)
+    points = grid_points(stacked, healthy)
     per_point = {str(label): i for i, label in enumerate(stacked["setting"].values)}
     lam, strength = ({p: float(stacked[v].values[per_point[p]]) for p in points} for v in ("lam", "strength"))
     method = {p: str(stacked["method"].values[per_point[p]]) for p in points}
@@ -267,7 +252,7 @@ def trend_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
     resamples paired across models), or, where the grid has too few replicate seeds to
     measure their spread, the interval over image resamples alone (``trend_interval``)."""
     healthy = healthy_models(stacked)
-    points = [models for models in _grid_points(stacked, healthy).values() if models]
+    points = [models for models in grid_points(stacked, healthy).values() if models]
     models = [m for group in points for m in group]
     groups, start = [], 0
     for group in points:
