@@ -321,6 +321,7 @@ def draw_figure(root: Path, models: list[str], figure: str) -> list[Path]:
         saliency_stores=[root / "saliency" / f"{m}.zarr" for m in models],
         outputs=outputs,
         options={"gallery_samples": 6, "dpi": 60, "subset": "all"},
+        concordance_store=root / "concordance.zarr" if (root / "concordance.zarr").exists() else None,
     )
     assert outputs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert outputs[1].read_bytes()[:5] == b"%PDF-"

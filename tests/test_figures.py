@@ -28,7 +28,8 @@ from saliency_robustness.data import CIFAR10_INPUT_SPACE, DISTANCE, MNIST_INPUT_
 from saliency_robustness.errors import PipelineError, StoreError  # noqa: E402
 from saliency_robustness.models import ModelSpec, save_machine  # noqa: E402
 from saliency_robustness.plotting import FigureInputs  # noqa: E402
-from saliency_robustness.stages.figures import FIGURES  # noqa: E402
+from saliency_robustness.stages.concordance import concordance_stage
+from saliency_robustness.stages.figures import FIGURES, RANKING_NAMES, figure_stage  # noqa: E402
 from saliency_robustness.statistics import BootstrapOptions  # noqa: E402
 from saliency_robustness.stores import write_store  # noqa: E402
 from saliency_robustness.vocabulary import (  # noqa: E402
@@ -76,6 +77,8 @@ def fake_metrics(method: str, strength: float, i: int, attributions: list[str]) 
         "bound_bias_term": np.abs(bias),
         "correct": rng.uniform(size=N) < 0.7,
     }
+    per_image["label"] = LABELS
+    per_image["prediction"] = np.where(per_image["correct"], LABELS, (LABELS + 1) % 10)
     ds = xr.Dataset(
         {k: ("sample", v, {"long_name": k, "units": UNITS.get(k, "1")}) for k, v in per_image.items()}, coords={"sample": np.arange(N)}
     )
@@ -115,7 +118,41 @@ def build_experiment(root: Path, grid: list[tuple[str, float]], seeds: list[int]
             saliency = saliency.assign_coords(attribution=attributions)
         write_store(saliency.assign_attrs(source_attrs(d, eval_store)), root / "saliency" / f"{model}.zarr")
     write_summary(root, models, metrics, dirs, OPTIONS)
+    if attributions:  # the explanation-quality scores and their concordance
+        write_concordance(root, models, attributions)
     return root, models
+
+
+def write_concordance(root: Path, models: list[str], attributions: list[str]) -> None:
+    """Fake quality stores (scores that grow with the model's median alignment, but max-sensitivity falling and
+    the ROAD area unrelated) and the concordance stage's store from them."""
+    summary = xr.open_zarr(root / "summary.zarr")
+    stores = []
+    for i, model in enumerate(models):
+        rng = np.random.default_rng(200 + i)
+        alignment = float(summary["alignment"].sel(model=model).median())
+        scores = {
+            "gini": alignment + rng.normal(0, 0.01, (len(attributions), N)),
+            "road_area": rng.normal(0, 1, (len(attributions), N)),
+            "max_sensitivity": -alignment + rng.normal(0, 0.01, (len(attributions), N)),
+            "infidelity": rng.gamma(2.0, 1.0, (len(attributions), N)),
+        }
+        ds = xr.Dataset(
+            {k: (("attribution", "sample"), v) for k, v in scores.items()}
+            | {"prediction": ("sample", summary["prediction"].sel(model=model).values), "label": ("sample", LABELS)},
+            coords={"attribution": attributions, "sample": np.arange(N)},
+            attrs={"computed_from": json.dumps({"model": model})},
+        )
+        stores.append(write_store(ds, root / "quality" / f"{model}.zarr"))
+    concordance_stage(
+        models=[str(m) for m in summary["model"].values],
+        summary_store=root / "summary.zarr",
+        quality_stores=[root / "quality" / f"{m}.zarr" for m in summary["model"].values],
+        output_zarr=root / "concordance.zarr",
+        output_csv=root / "summary_concordance.csv",
+        output_quality_csv=root / "summary_quality.csv",
+        options=OPTIONS,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -655,3 +692,30 @@ def test_a_summary_that_does_not_say_its_confidence_level_is_refused(lambdas, tm
         draw_figure(copy, lambdas[1], "alignment_vs_robustness")
     assert "\n" not in str(info.value)
     assert plotting.confidence_level(load(lambdas)) == LEVEL
+
+
+def test_the_concordance_figure_shows_each_stored_tau_with_its_interval(mixed) -> None:  # noqa: ANN001
+    root, models = mixed
+    concordance = xr.open_zarr(root / "concordance.zarr").load()
+    fig = FIGURES["quality_concordance"](FigureInputs(load(mixed), {"subset": "all"}, concordance=concordance))
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title().split(" (")[0] for ax in axes] == [ATTRIBUTION_LABELS.get(a, a) for a in ATTRIBUTIONS]
+    cell = concordance.sel(subset="all", attribution=GRADIENT, ranking="max_sensitivity", ranking_other="alignment")
+    expected = f"{float(cell['concordance_tau']):+.2f}\n[{float(cell['concordance_tau_ci_low']):+.2f}, {float(cell['concordance_tau_ci_high']):+.2f}]"
+    assert expected in [t.get_text() for t in axes[0].texts]
+    assert float(cell["concordance_tau"]) < 0  # the fake max-sensitivity falls as alignment grows
+    n_cells = (len(RANKING_NAMES) - 1) * len(RANKING_NAMES) // 2
+    assert len(axes[0].texts) == n_cells
+
+
+def test_the_concordance_figure_without_its_store_is_refused(mixed) -> None:  # noqa: ANN001
+    root, models = mixed
+    with pytest.raises(PipelineError, match="needs the concordance store"):
+        figure_stage(
+            figure="quality_concordance",
+            summary_store=root / "summary.zarr",
+            eval_store=root / "eval.zarr",
+            saliency_stores=[],
+            outputs=[root / "x.png"],
+            options={"subset": "all", "dpi": 60},
+        )

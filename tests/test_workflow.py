@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import xarray as xr
@@ -18,6 +19,7 @@ import yaml
 
 from conftest import REPO, linearized_robustness_tolerance
 from saliency_robustness.config import validate_config
+from saliency_robustness.figure_list import figures_for
 from saliency_robustness.grid import model_grid
 from saliency_robustness.models import load_model
 from saliency_robustness.runtime import machine
@@ -25,6 +27,8 @@ from saliency_robustness.stages.figures import FIGURES
 
 pytestmark = pytest.mark.workflow
 SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+# the figures of config/smoke.yaml: gradient-norm models, explanation quality off
+SMOKE_FIGURES = figures_for(["gradnorm"], quality=False)
 
 
 def snakemake(
@@ -119,7 +123,7 @@ def test_smoke_run_produces_every_store_figure_and_log(smoke_run) -> None:  # no
         assert (out / table).stat().st_size > 0
     for png in (out / "figures").glob("*.png"):
         assert png.with_suffix(".pdf").exists()
-    assert {png.stem for png in (out / "figures").glob("*.png")} == set(FIGURES)  # the Snakefile's list is the package's
+    assert {png.stem for png in (out / "figures").glob("*.png")} == set(SMOKE_FIGURES)  # the Snakefile's list is the package's
 
 
 def test_second_run_has_nothing_to_do(smoke_run) -> None:  # noqa: ANN001
@@ -260,7 +264,7 @@ def test_changing_one_attack_reruns_it_and_what_follows_but_no_training(smoke_ru
     n_models = len(SMOKE["train"]["lambdas"])
     assert jobs.get("train", 0) == 0 and jobs.get("data", 0) == 0 and jobs.get("saliency", 0) == 0
     assert jobs["attack"] == n_models * (1 + len(refiners))  # that attack and the refiners, per model
-    assert jobs["metrics"] == n_models and jobs["summary"] == 1 and jobs["figure"] == len(FIGURES)
+    assert jobs["metrics"] == n_models and jobs["summary"] == 1 and jobs["figure"] == len(SMOKE_FIGURES)
 
 
 def test_report_holds_every_figure_with_its_own_caption(smoke_run, tmp_path) -> None:  # noqa: ANN001
@@ -273,7 +277,7 @@ def test_report_holds_every_figure_with_its_own_caption(smoke_run, tmp_path) -> 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ERROR/" not in result.stderr, result.stderr[-3000:]  # docutils: the captions are valid reST
     html = report.read_text()
-    for name in FIGURES:
+    for name in SMOKE_FIGURES:
         assert f"{name}.png" in html
     # the first words of each figure's own caption, not the fallback
     for first_words in re.findall(r"%\}\n([\w-]+ [\w-]+)", captions.split("{% else %}")[0]):
@@ -288,8 +292,8 @@ def test_beyond_the_paper_trains_both_routes_and_measures_every_attribution_map(
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     out = tmp_path / "results" / "smoke-beyond"
     summary = xr.open_zarr(out / "summary.zarr")
-    assert list(summary["model"].values) == ["gradnorm-lambda0-seed0", "pgd-eps1-seed0"]
-    assert list(summary["method"].values) == ["gradnorm", "adversarial"] and list(summary["strength"].values) == [0.0, 1.0]
+    assert list(summary["model"].values) == ["gradnorm-lambda0-seed0", "gradnorm-lambda1-seed0", "pgd-eps1-seed0"]
+    assert list(summary["method"].values) == ["gradnorm", "gradnorm", "adversarial"] and list(summary["strength"].values) == [0.0, 1.0, 1.0]
     assert {"alignment_smoothgrad", "alignment_integrated_gradients"} <= set(summary["quantity"].values)
     metrics = xr.open_zarr(out / "metrics" / "pgd-eps1-seed0.zarr")
     assert list(metrics["attribution"].values) == ["gradient", "smoothgrad", "integrated_gradients"]
@@ -298,6 +302,19 @@ def test_beyond_the_paper_trains_both_routes_and_measures_every_attribution_map(
     assert (spec["method"], spec["strength"]) == ("adversarial", 1.0) and "lam" not in spec and "epsilon" not in spec
     assert {png.stem for png in (out / "figures").glob("*.png")} == set(FIGURES)
     assert "(adversarial, epsilon 1)" in (out / "logs" / "train" / "pgd-eps1-seed0.log").read_text()
+    # explanation quality (quality.enabled): every measure of every map, and the concordance of the rankings
+    quality = xr.open_zarr(out / "quality" / "pgd-eps1-seed0.zarr")
+    assert list(quality["attribution"].values) == ["gradient", "smoothgrad", "integrated_gradients"]
+    assert quality["road_morf"].dims == ("attribution", "sample", "fraction") and list(quality["fraction"].values) == [0.2, 0.5, 0.8]
+    for name in ("gini", "road_area", "max_sensitivity", "infidelity"):
+        assert np.isfinite(quality[name].values).all() and quality[name].attrs["units"], name
+    assert json.loads(quality.attrs["quality_seconds_per_measure"]).keys() == {"gini", "road", "max_sensitivity", "infidelity"}
+    concordance = xr.open_zarr(out / "concordance.zarr")
+    assert int(concordance["concordance_n_models"]) == 3
+    table = pd.read_csv(out / "summary_concordance.csv")
+    assert len(table) == 2 * 3 * 15 and set(table["interval"]) == {"images only"}  # no replicate seeds
+    assert table["kendall_tau"].between(-1, 1).all() and (table["ci_low"] <= table["kendall_tau"] + 1e-12).all()
+    assert set(pd.read_csv(out / "summary_quality.csv")["model"]) == set(summary["model"].values)
 
 
 def test_a_vectorized_grid_trains_in_one_job_and_feeds_the_same_stages(tmp_path, data_root) -> None:  # noqa: ANN001

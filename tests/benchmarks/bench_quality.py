@@ -1,8 +1,12 @@
 """Cost of the explanation-quality measures per image (issue 23).
 
     python tests/benchmarks/bench_quality.py [--n 100] [--threads 1] [--repeats 3] [--device cpu]
-        [--fractions 0.1,0.2,...,0.9] [--noise-std 0.01] [--sensitivity-samples 10] [--radius 0.1]
-        [--infidelity-perturbations 10] [--infidelity-std 0.1]
+        [--fractions 0.1,0.2,...,0.9] [--noise-std 0.01] [--sensitivity-samples 5] [--radius 0.02]
+        [--infidelity-perturbations 16] [--infidelity-std 0.1]
+
+The measures' options default to the config schema's (``quality`` section). Max-sensitivity is also timed
+with SmoothGrad and Integrated Gradients as the explanation (the ``saliency`` section's defaults: 25 samples,
+32 steps), which recomputes that map at every perturbed copy.
 
 Times each measure of :mod:`saliency_robustness.explanation_quality` on the default MNIST network
 (``MnistCNN(in_channels=1, num_classes=10, image_size=28)``, random initialization: the cost does not depend
@@ -21,7 +25,9 @@ import torch
 from bench_metrics import best_time  # the script's folder is on sys.path when it runs
 
 from saliency_robustness.architectures import MnistCNN
-from saliency_robustness.attributions import logit_gradient
+from saliency_robustness.attributions import AttributionOptions, explanation, logit_gradient
+from saliency_robustness.config import validate_config
+from saliency_robustness.data import MNIST_INPUT_SPACE
 from saliency_robustness.explanation_quality import (
     ORDERS,
     gini,
@@ -40,16 +46,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--fractions", default=",".join(f"{0.1 * k:.1f}" for k in range(1, 10)), help="ROAD's fractions")
-    parser.add_argument("--noise-std", type=float, default=0.01, help="ROAD's imputation noise")
-    parser.add_argument("--sensitivity-samples", type=int, default=10)
-    parser.add_argument("--radius", type=float, default=0.1, help="max-sensitivity's L-inf radius")
-    parser.add_argument("--infidelity-perturbations", type=int, default=10)
-    parser.add_argument("--infidelity-std", type=float, default=0.1)
+    defaults = validate_config({"experiment": "bench"})
+    quality = defaults["quality"]
+    parser.add_argument("--fractions", default=",".join(map(str, quality["road"]["fractions"])), help="ROAD's fractions")
+    parser.add_argument("--noise-std", type=float, default=quality["road"]["noise_std"], help="ROAD's imputation noise")
+    parser.add_argument("--sensitivity-samples", type=int, default=quality["max_sensitivity"]["n_samples"])
+    parser.add_argument("--radius", type=float, default=quality["max_sensitivity"]["radius"], help="max-sensitivity's L-inf radius")
+    parser.add_argument("--infidelity-perturbations", type=int, default=quality["infidelity"]["n_perturbations"])
+    parser.add_argument("--infidelity-std", type=float, default=quality["infidelity"]["std"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     fractions = [float(f) for f in args.fractions.split(",")]
+
+    saliency = defaults["saliency"]
+    attributions = AttributionOptions(("smoothgrad", "integrated_gradients"), saliency["smoothgrad"], saliency["integrated_gradients"])
 
     torch.manual_seed(0)
     model = MnistCNN(in_channels=1, num_classes=10, image_size=28).to(device).eval()
@@ -76,9 +87,21 @@ def main() -> None:
             f"{k} samples, L-inf radius {args.radius}",
             lambda: max_sensitivity(model, x, prediction, explanation=logit_gradient, radius=args.radius, n_samples=k, seed=0),
         ),
+        **{
+            f"max-sensitivity of {method}": (
+                f"{k} samples, each map recomputed ({options})",
+                lambda method=method: max_sensitivity(
+                    model, x, prediction, explanation=explanation(method, attributions, MNIST_INPUT_SPACE, 0), radius=args.radius, n_samples=k, seed=0
+                ),
+            )
+            for method, options in (
+                ("smoothgrad", f"{attributions.smoothgrad['n']} noisy gradients"),
+                ("integrated_gradients", f"{attributions.integrated_gradients['steps']} steps"),
+            )
+        },
         "infidelity": (
             f"{m} Gaussian perturbations, std {args.infidelity_std}",
-            lambda: infidelity(model, x, prediction, a, n_perturbations=m, std=args.infidelity_std, seed=0, normalize=False),
+            lambda: infidelity(model, x, prediction, a, n_perturbations=m, std=args.infidelity_std, seed=0, normalize=True),
         ),
     }
     for _, run in runs.values():  # warm-up (allocator, lazy imports)

@@ -29,7 +29,7 @@ import seaborn as sns
 import xarray as xr
 
 from saliency_robustness.errors import PipelineError, one_line
-from saliency_robustness.figure_list import FIGURE_NAMES, figures_for
+from saliency_robustness.figure_list import FIGURE_NAMES, QUALITY_FIGURES, figures_for
 from saliency_robustness.gallery import saliency_gallery
 from saliency_robustness.plotting import (
     METHOD_STYLE,
@@ -381,15 +381,16 @@ def figure_stage(
     matplotlib.use("Agg")  # files only, also where a display is set
     sns.set_theme(context="notebook", style="whitegrid")
     summary = open_store(summary_store).load()
-    inputs = FigureInputs(summary, options)
+    concordance = open_store(concordance_store, ["concordance_tau"]).load() if concordance_store is not None else None
+    inputs = FigureInputs(summary, options, concordance=concordance)
     if figure == "saliency_gallery":
         names = [Path(p).name.removesuffix(".zarr") for p in saliency_stores]
         expect = {"eval_digest": content_digest(eval_store)}
         stores = {name: open_store(p, ["saliency"], expect={**expect, "model": name}) for name, p in zip(names, saliency_stores)}
-        inputs = FigureInputs(summary, options, open_store(eval_store, ["images", "label"]), stores)
-    if concordance_store is not None:
-        inputs = FigureInputs(summary, options, concordance=open_store(concordance_store, ["concordance_tau"]).load())
-    if figure not in figures_for(inputs.methods, quality=inputs.concordance is not None):
+        inputs = FigureInputs(summary, options, open_store(eval_store, ["images", "label"]), stores, concordance)
+    if figure in QUALITY_FIGURES and concordance is None:
+        raise PipelineError(f"figure {figure} needs the concordance store (config quality.enabled)")
+    if figure not in figures_for(inputs.methods, quality=concordance is not None):
         raise PipelineError(f"figure {figure} is drawn against lambda, and {summary_store} has no {GRADNORM} model")
     check_plottable(summary, figure, inputs.subset)
     try:
