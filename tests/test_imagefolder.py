@@ -33,6 +33,7 @@ from saliency_robustness.architectures import IMAGENET_STD
 from saliency_robustness.config import validate_config
 from saliency_robustness.data import InputSpace, build_eval_dataset, open_split
 from saliency_robustness.errors import ConfigError, DataError
+from saliency_robustness.figure_list import figures_for
 from saliency_robustness.grid import model_grid
 from saliency_robustness.models import (
     CHECKPOINT,
@@ -42,7 +43,6 @@ from saliency_robustness.models import (
     load_model,
     torchvision_weights,
 )
-from saliency_robustness.stages.figures import FIGURES
 from saliency_robustness.stages.training import model_spec, train_stage
 from test_workflow import snakemake
 
@@ -527,4 +527,4 @@ def test_whole_workflow_runs_on_a_synthetic_folder(folder_root: Path, tmp_path: 
         summary = xr.open_zarr(out / "summary.zarr")
         assert list(summary["model"].values) == models
         assert (out / "summary.csv").exists()
-        assert {png.stem for png in (out / "figures").glob("*.png")} == set(FIGURES)
+        assert {png.stem for png in (out / "figures").glob("*.png")} == set(figures_for(["gradnorm"], quality=False))
