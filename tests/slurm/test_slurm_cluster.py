@@ -24,8 +24,8 @@ import yaml
 
 from conftest import REPO
 from saliency_robustness.config import validate_config
-from saliency_robustness.grid import model_grid
-from saliency_robustness.stages.figures import FIGURES
+from saliency_robustness.figure_list import figures_for
+from saliency_robustness.grid import model_grid, train_methods
 from saliency_robustness.stores import open_store
 from test_workflow import planned_jobs
 
@@ -41,6 +41,8 @@ pytestmark = [
 SMOKE_CONFIG = Path(os.environ.get("SLURM_TEST_CONFIG") or REPO / "config" / "smoke.yaml")
 SMOKE = yaml.safe_load(SMOKE_CONFIG.read_text())
 MODELS = list(model_grid(validate_config(SMOKE)))
+# the figures of the test config (those against lambda need gradnorm models; the quality figure, quality.enabled)
+SMOKE_FIGURES = figures_for(train_methods(validate_config(SMOKE)["train"]), quality=validate_config(SMOKE)["quality"]["enabled"])
 CANCELLED_MODEL = MODELS[-1]
 TEST_PROFILE = ["--profile", str(REPO / "profiles" / "slurm-cpu-test")]
 # the real profile, then the overlay for this CPU-only one-node cluster
@@ -217,7 +219,7 @@ def test_cancelled_job_fails_the_run_and_leaves_no_half_written_output(cancelled
 def test_cluster_run_gives_the_local_numbers(cluster_run, local_done, workdirs) -> None:  # noqa: ANN001
     cluster_root, local_root = results(workdirs["cluster"]), results(workdirs["local"])
     assert (cluster_root / "summary.csv").is_file()
-    assert len(list((cluster_root / "figures").glob("*.pdf"))) == len(FIGURES)
+    assert len(list((cluster_root / "figures").glob("*.pdf"))) == len(SMOKE_FIGURES)
     # every job went through sbatch: the plugin keeps each job's SLURM log (test profile),
     # and the cancelled model was trained twice
     slurm_logs = workdirs["cluster"] / ".snakemake" / "slurm_logs"
@@ -238,4 +240,4 @@ def test_losing_a_checkpoint_plans_only_that_model(cluster_run, workdirs, data_r
     print(f"planned after deleting models/{MODELS[0]}: {planned}", file=sys.stderr)
     n_attacks = len(SMOKE.get("attacks", {}).get("ensemble", {}))
     per_model = {"train": 1, "saliency": 1, "metrics": 1, **({"attack": n_attacks} if n_attacks else {})}
-    assert planned == {**per_model, "summary": 1, "figure": len(FIGURES)}, planned
+    assert planned == {**per_model, "summary": 1, "figure": len(SMOKE_FIGURES)}, planned
