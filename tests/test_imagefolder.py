@@ -29,12 +29,12 @@ from conftest import (
     logit_operands,
     reduction_terms,
 )
-from saliency_robustness.architectures import IMAGENET_STD
+from saliency_robustness.architectures import IMAGENET_STD, fit_whitening, whitening_layer
 from saliency_robustness.config import validate_config
 from saliency_robustness.data import InputSpace, build_eval_dataset, open_split
-from saliency_robustness.errors import ConfigError, DataError
+from saliency_robustness.errors import ConfigError, DataError, StoreError
 from saliency_robustness.figure_list import figures_for
-from saliency_robustness.grid import model_grid
+from saliency_robustness.grid import model_grid, pretrain_settings
 from saliency_robustness.models import (
     CHECKPOINT,
     ModelSpec,
@@ -43,8 +43,10 @@ from saliency_robustness.models import (
     load_model,
     torchvision_weights,
 )
-from saliency_robustness.stages.training import model_spec, train_stage
-from test_workflow import snakemake
+from saliency_robustness.stages import training
+from saliency_robustness.stages.training import model_spec, pretrain_stage, train_stage
+from saliency_robustness.vocabulary import BASE, BASE_MODEL
+from test_workflow import planned_jobs, snakemake
 
 TEST_CONFIG = REPO / "config" / "imagefolder-test.yaml"
 CLASSES = ["class_a", "class_b", "class_c"]
@@ -274,7 +276,7 @@ def test_resnet_on_centered_input_is_torchvision_resnet_on_normalized_pixels(arc
     assert [name for name, _ in model.input_scale.named_buffers()] == ["scale"]
 
 
-@pytest.mark.parametrize("architecture", ["resnet_small", "preact_resnet"])
+@pytest.mark.parametrize("architecture", ["resnet_small", "preact_resnet", "whitened_cnn"])
 def test_resnet_logits_split_exactly_into_homogeneous_part_and_bias_sum(architecture: str) -> None:
     """The std layer adds no bias: docs/spec.md §2's decomposition holds for the whole model, with
     batch-norm statistics that are not the identity (eval-mode batch norm is affine: its shift
@@ -295,6 +297,28 @@ def test_resnet_logits_split_exactly_into_homogeneous_part_and_bias_sum(architec
     scale = np.abs(ds["homogeneous_part"].values) + np.abs(ds["bias_part"].values)  # what the relative error is relative to
     assert ds.attrs["max_relative_decomposition_error"] <= (tolerance / scale).max()
     assert float(np.abs(ds["bias_part"]).min()) > 1e-3  # a real bias part, not a trivially zero one
+
+
+def test_whitening_makes_the_stems_patch_covariance_the_identity_up_to_eps() -> None:
+    """W C W^T = diag(lambda / (lambda + eps)) for the stem's 2x2 patches (C: their second
+    moment, lambda its eigenvalues), and each filter's negative is the filter after it."""
+    model = build_model(resnet_spec("whitened_cnn"))
+    generator = torch.Generator().manual_seed(0)
+    # correlated channels and neighbouring pixels, as in natural images
+    base = torch.rand(64, 1, 17, 17, generator=generator).repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)[..., :32, :32]
+    x = base + 0.1 * torch.rand(64, 3, 32, 32, generator=generator) - 0.5
+    assert fit_whitening(model, x)
+    net = whitening_layer(model)
+    seen = x * model.input_scale.scale  # what the stem sees: the std division before it
+    patches = seen.double().unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+    moment = patches.T @ patches / len(patches)
+    eigenvalues = torch.linalg.eigvalsh(moment)
+    filters = net.stem.weight.double().reshape(24, 12)
+    torch.testing.assert_close(filters[12:], -filters[:12], rtol=0, atol=0)
+    whitened = filters[:12] @ moment @ filters[:12].T
+    expected = torch.diag(eigenvalues / (eigenvalues + net.whitening_eps))
+    torch.testing.assert_close(whitened, expected, rtol=0, atol=1e-5)  # float32 filters
+    assert not net.stem.weight.requires_grad  # frozen: training leaves it as fitted
 
 
 def test_preact_resnet_keeps_a_32x32_image_at_full_resolution_in_its_first_stage() -> None:
@@ -421,6 +445,43 @@ def test_train_stage_starts_from_the_configured_weights(folder_root: Path, tmp_p
         torch.testing.assert_close(trained.state_dict()[key], value, rtol=0, atol=1e-6)
 
 
+def test_a_fine_tune_starts_from_the_base_models_exact_weights(folder_root: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """train.init base: the base model (rule pretrain) is what every fine-tune's first step
+    sees, bit for bit; a base of other settings is refused, never used."""
+    config = imagefolder_config()
+    recipe = pretrain_settings(config)
+    base = {"name": BASE_MODEL, "method": BASE, "strength": 0.0, "dataset": config["dataset"], "model": config["model"], "train": recipe}
+    pretrain_stage(spec=model_spec(**base), dataset=config["dataset"], train=recipe, data_root=folder_root, output=tmp_path / "base")
+    assert json.loads((tmp_path / "base" / "test_accuracy.json").read_text())["test_images"] == 12
+    starts: list[dict[str, torch.Tensor]] = []
+    real_fit = training.fit
+
+    def spy(model: nn.Module, *args: object, **kwargs: object) -> list:
+        starts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_fit(model, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(training, "fit", spy)
+    s = stage_settings()
+    spec = model_spec(
+        name="gradnorm-lambda0.01", method="gradnorm", strength=0.01, dataset=s["dataset"], model=s["model"], train=s["train"], base=base
+    )
+    train_stage(spec=spec, dataset=s["dataset"], train=s["train"], data_root=folder_root, output=tmp_path / "tuned",
+                base_dir=tmp_path / "base", base_spec=model_spec(**base))  # fmt: skip
+    weights = torch.load(tmp_path / "base" / CHECKPOINT, weights_only=True)
+    assert starts[0].keys() == weights.keys()
+    for key, value in weights.items():
+        assert torch.equal(starts[0][key], value), key
+    tuned = torch.load(tmp_path / "tuned" / CHECKPOINT, weights_only=True)
+    assert any(not torch.equal(tuned[k], weights[k]) for k in weights)  # and then it trained
+    assert json.loads((tmp_path / "tuned" / "spec.json").read_text())["training"]["base"]  # the base's fingerprint
+
+    other = model_spec(**{**base, "train": {**recipe, "learning_rate": 0.01}})
+    with pytest.raises(StoreError, match="base model of other settings") as info:
+        train_stage(spec=spec, dataset=s["dataset"], train=s["train"], data_root=folder_root, output=tmp_path / "refused",
+                    base_dir=tmp_path / "base", base_spec=other)  # fmt: skip
+    assert "\n" not in str(info.value) and not (tmp_path / "refused").exists()
+
+
 def test_folder_with_other_class_count_than_the_model_is_rejected(folder_root: Path, tmp_path: Path) -> None:
     s = stage_settings()
     spec = model_spec(
@@ -433,7 +494,9 @@ def test_folder_with_other_class_count_than_the_model_is_rejected(folder_root: P
 TRAIN_IN_SUBPROCESS = """
 import json, sys, torch
 from saliency_robustness.runtime import configure_logging
-from saliency_robustness.stages.training import model_spec, train_stage
+from saliency_robustness.stages import training
+from saliency_robustness.stages.training import model_spec, pretrain_stage, train_stage
+from saliency_robustness.vocabulary import BASE, BASE_MODEL
 torch.set_num_threads(1)
 configure_logging()
 s = json.loads(sys.argv[1])
@@ -525,6 +588,22 @@ def test_whole_workflow_runs_on_a_synthetic_folder(folder_root: Path, tmp_path: 
         assert float(metrics["robustness"].notnull().mean()) >= 0.9
     if not targets:
         summary = xr.open_zarr(out / "summary.zarr")
-        assert list(summary["model"].values) == models
+        # the base model (rule pretrain) is analysed first, as the lambda = 0 / epsilon = 0 start
+        assert list(summary["model"].values) == [BASE_MODEL, *models]
+        assert summary["method"].values[0] == BASE and float(summary["strength"].values[0]) == 0.0
+        assert json.loads((out / "models" / BASE_MODEL / "machine.json").read_text())["threads"] >= 1
         assert (out / "summary.csv").exists()
         assert {png.stem for png in (out / "figures").glob("*.png")} == set(figures_for(["gradnorm"], quality=False))
+        assert_fine_tunes_rerun_without_the_base(tmp_path, one_thread, folder_root)
+
+
+def assert_fine_tunes_rerun_without_the_base(workdir: Path, args: list[str], data_root: Path) -> None:
+    """Real dry runs after the whole run: a fine-tune setting reruns the fine-tunes (and what
+    follows) but not the pretraining; a pretrain setting reruns both."""
+    config = yaml.safe_load(TEST_CONFIG.read_text())
+    for section, rules in (("train", {"train": 2}), ("pretrain", {"pretrain": 1, "train": 2})):
+        changed = {**config, section: {**config[section], "learning_rate": 0.002}}
+        path = workdir / f"changed-{section}.yaml"
+        path.write_text(yaml.safe_dump(changed))
+        plan = planned_jobs(snakemake(workdir, path, *args, "--dry-run", data_root=data_root))
+        assert {rule: plan.get(rule, 0) for rule in ("pretrain", "train")} == {"pretrain": 0, **rules}, (section, plan)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.ndimage
 import torch
 import xarray as xr
 from torch import nn
@@ -24,7 +25,7 @@ from saliency_robustness.architectures import resnet_small
 from saliency_robustness.attributions import AttributionOptions
 from saliency_robustness.errors import PipelineError, StoreError
 from saliency_robustness.models import load_model
-from saliency_robustness.stages.metrics import METRICS, compute_metrics, metrics_stage
+from saliency_robustness.stages.metrics import METRICS, compute_metrics, edge_correlation, metrics_stage, sobel_magnitude
 from saliency_robustness.stages.saliency import saliency_stage
 from saliency_robustness.stores import computed_from, open_store, write_store
 
@@ -326,7 +327,16 @@ def rounding_tolerances(model: nn.Module, images: torch.Tensor, ds: xr.Dataset) 
         for name in ("linearized_robustness", "homogeneous_term", "bias_term_signed", "bound_bias_term")
     }
     angle = 2 * x_norm * (g_relative + dagger_relative)  # ||x|| ||g†/||g†|| - g/||g|||: a unit vector moves by <= 2 ||dg|| / ||g||
+    # the Pearson correlation of m = sum_c |g_c| with fixed edges: the centred m's direction moves by <= 2 ||dm|| / ||m - mean||,
+    # and ||dm|| <= sqrt(channels) ||dg||
+    x = images.clone().requires_grad_(True)
+    predicted = torch.as_tensor(ds["prediction"].values).view(-1, 1)
+    g = torch.autograd.grad(model(x).gather(1, predicted).sum(), x)[0].double().flatten(1)
+    mass = g.view_as(x).abs().sum(dim=1).flatten(1)
+    centred = torch.linalg.vector_norm(mass - mass.mean(dim=1, keepdim=True), dim=1)
+    edge = (2 * images.shape[1] ** 0.5 * g_relative * torch.linalg.vector_norm(g, dim=1) / centred).numpy()
     return {
+        "edge_correlation": edge,
         "logit_margin": logit,
         "homogeneous_part": logit,
         "bias_part": logit,
@@ -469,3 +479,36 @@ def test_every_attribution_maps_alignment_is_measured_against_the_same_image(sto
             err_msg=method,
         )
     np.testing.assert_array_equal(ds["ig_completeness_error"].values, xr.open_zarr(saliency)["ig_completeness_error"].values)
+
+
+# --- the saliency map's share on the image's edges (edge_correlation) ---------------------------
+
+
+def test_sobel_magnitude_of_a_step_edge_is_four_on_its_two_columns_and_zero_elsewhere() -> None:
+    step = torch.zeros(1, 3, 8, 8)
+    step[..., 4:] = 1.0  # a vertical edge between columns 3 and 4, in every channel
+    expected = torch.zeros(1, 8, 8, dtype=torch.float64)
+    expected[..., 3:5] = 4.0  # (1 + 2 + 1) x the unit step; the replicated border adds no edge
+    torch.testing.assert_close(sobel_magnitude(step), expected, rtol=0, atol=0)
+    torch.testing.assert_close(sobel_magnitude(step.transpose(2, 3)), expected.transpose(1, 2), rtol=0, atol=0)
+
+
+def test_sobel_magnitude_is_scipys_sobel_of_the_channel_mean() -> None:
+    """An outside reference: scipy.ndimage.sobel along both axes, border mode nearest."""
+    x = torch.rand(2, 3, 12, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gray = x.mean(dim=1).numpy()
+    reference = [np.hypot(scipy.ndimage.sobel(g, axis=1, mode="nearest"), scipy.ndimage.sobel(g, axis=0, mode="nearest")) for g in gray]
+    np.testing.assert_allclose(sobel_magnitude(x).numpy(), np.stack(reference), rtol=1e-12, atol=1e-12)
+
+
+def test_edge_correlation_is_one_on_the_edges_minus_one_off_them_and_ignores_the_mean() -> None:
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    edges = sobel_magnitude(x)[:, None].expand(-1, 3, -1, -1) / 3  # |saliency| summed over channels = the edge map
+    sign = torch.where(torch.rand(x.shape, generator=torch.Generator().manual_seed(2)) < 0.5, -1.0, 1.0).double()
+    torch.testing.assert_close(edge_correlation(x, sign * edges), torch.ones(3, dtype=torch.float64))
+    off = edges.amax() - edges  # all the mass where the edges are weakest
+    torch.testing.assert_close(edge_correlation(x, off), -torch.ones(3, dtype=torch.float64))
+    # the centered image (the input space subtracts a per-channel mean) has the same edges
+    shifted = x - torch.tensor([0.4, 0.5, 0.6], dtype=torch.float64).view(1, 3, 1, 1)
+    torch.testing.assert_close(edge_correlation(shifted, sign * edges), edge_correlation(x, sign * edges))
+    assert torch.isnan(edge_correlation(x, torch.ones_like(x))).all()  # a constant map has no correlation

@@ -28,7 +28,7 @@ from saliency_robustness.statistics import (
     seed_interval,
 )
 from saliency_robustness.stores import write_store
-from saliency_robustness.vocabulary import GRADNORM, SUBSETS, model_name
+from saliency_robustness.vocabulary import BASE, BASE_MODEL, GRADNORM, SUBSETS, model_name
 
 LAMBDAS = [0.0, 0.01, 0.1]
 SEEDS = [0, 1]
@@ -54,6 +54,7 @@ def fake_metrics(lam: float, seed: int) -> xr.Dataset:
         "bound_angle_term": angle,
         "bound_bias_term": np.abs(bias),
         "bound_rhs": alignment + angle + np.abs(bias),
+        "edge_correlation": rng.uniform(-0.2, 0.6, N),
         "robustness": robustness,
         "prediction": rng.integers(0, 10, N),
         "correct": rng.uniform(size=N) < 0.8,
@@ -69,29 +70,40 @@ def name(lam: float, seed: int) -> str:
     return model_name(GRADNORM, lam, seed)
 
 
+def write_fake_model(root, eval_store, model: str, method: str, strength: float, seed: int, metrics: xr.Dataset, accuracy: float,
+                     share: float = 0.12):  # noqa: ANN001, ANN201
+    """A model directory (spec, test accuracy, machine), its metrics and saliency stores."""
+    d = root / "models" / model
+    d.mkdir(parents=True)
+    spec = ModelSpec(name=model, architecture="mnist_cnn", method=method, strength=strength, sensitivity="loss", p=2.0, seed=seed,
+                     num_classes=10, in_channels=1, image_size=28, training={"seed": seed, "epochs": 1})  # fmt: skip
+    (d / "spec.json").write_text(spec.to_json())
+    (d / "test_accuracy.json").write_text(json.dumps({"test_accuracy": accuracy, "majority_class_share": share}))
+    save_machine(d, {"id": f"machine-{'ab'[seed % 2]}", "cpu": f"cpu {'ab'[seed % 2]}"})
+    write_store(metrics.assign_attrs(source_attrs(d, eval_store)), root / "metrics" / f"{model}.zarr")
+    saliency = xr.Dataset({"saliency": (("sample", "channel", "y", "x"), np.random.default_rng(seed).normal(size=(N, 1, 8, 8)))})
+    write_store(saliency.assign_attrs(source_attrs(d, eval_store)), root / "saliency" / f"{model}.zarr")
+    return d, root / "metrics" / f"{model}.zarr"
+
+
+def write_eval_store(root):  # noqa: ANN001, ANN201
+    images = torch.rand(N, 1, 8, 8)
+    return write_store(eval_dataset(images, torch.arange(N) % 10, np.arange(N), MNIST_INPUT_SPACE), root / "eval.zarr")
+
+
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):  # noqa: ANN001, ANN201
     root = tmp_path_factory.mktemp("exp")
-    images = torch.rand(N, 1, 8, 8)
-    eval_store = write_store(eval_dataset(images, torch.arange(N) % 10, np.arange(N), MNIST_INPUT_SPACE), root / "eval.zarr")
+    eval_store = write_eval_store(root)
     models, metrics_paths, model_dirs = [], [], []
     for i, (lam, seed) in enumerate((lam, seed) for lam in LAMBDAS for seed in SEEDS):
         model = name(lam, seed)
         models.append(model)
-        d = root / "models" / model
-        d.mkdir(parents=True)
-        spec = ModelSpec(name=model, architecture="mnist_cnn", method=GRADNORM, strength=lam, sensitivity="loss", p=2.0, seed=seed,
-                         num_classes=10, in_channels=1, image_size=28, training={"seed": seed, "epochs": 1})  # fmt: skip
-        (d / "spec.json").write_text(spec.to_json())
-        accuracy = 0.1 if model == DEGENERATE else 0.99 - lam
-        share = 0.95 if model == DEGENERATE else 0.12
-        (d / "test_accuracy.json").write_text(json.dumps({"test_accuracy": accuracy, "majority_class_share": share}))
-        save_machine(d, {"id": f"machine-{'ab'[seed % 2]}", "cpu": f"cpu {'ab'[seed % 2]}"})
-        write_store(fake_metrics(lam, i).assign_attrs(source_attrs(d, eval_store)), root / "metrics" / f"{model}.zarr")
-        metrics_paths.append(root / "metrics" / f"{model}.zarr")
+        degenerate = model == DEGENERATE
+        d, metrics = write_fake_model(root, eval_store, model, GRADNORM, lam, seed, fake_metrics(lam, i), 0.1 if degenerate else 0.99 - lam,
+                                      0.95 if degenerate else 0.12)  # fmt: skip
+        metrics_paths.append(metrics)
         model_dirs.append(d)
-        saliency = xr.Dataset({"saliency": (("sample", "channel", "y", "x"), np.random.default_rng(i).normal(size=(N, 1, 8, 8)))})
-        write_store(saliency.assign_attrs(source_attrs(d, eval_store)), root / "saliency" / f"{model}.zarr")
     # listed in an order other than lambda's, to check the stacking sorts
     order = [5, 2, 0, 3, 1, 4]
     outputs = {key: root / f"{key}.csv" for key in ("summary", "summary_grid", "summary_trends")}
@@ -244,6 +256,31 @@ def test_grid_statistics_average_the_seeds_and_leave_degenerate_models_out(exper
     degenerate_point = grid.loc[("gradnorm-lambda0.1", "all")]
     assert degenerate_point["n_seeds"] == 1
     assert degenerate_point["robustness_mean_median"] == pytest.approx(np.median(subset_values(0.1, 4, "robustness", "all")), rel=1e-5)
+
+
+def test_gains_of_fine_tunes_are_over_the_one_base_model_conditional_on_it(tmp_path) -> None:  # noqa: ANN001
+    """train.init base: every grid point's gain is over the base model (not over the method's
+    smallest strength). Fine-tunes whose alignment is the base's plus 0.25 on every image have
+    a gain of exactly 0.25 and, paired by image and without seed spread, a point interval."""
+    eval_store = write_eval_store(tmp_path)
+    base = fake_metrics(0.0, 0)
+    runs = [(BASE_MODEL, BASE, 0.0, 0, base)]
+    runs += [(name(1.0, seed), GRADNORM, 1.0, seed, base.assign(alignment=base["alignment"] + 0.25)) for seed in SEEDS]
+    runs += [(name(3.0, seed), GRADNORM, 3.0, seed, base.assign(alignment=base["alignment"] + 0.5)) for seed in SEEDS]
+    written = [write_fake_model(tmp_path, eval_store, model, method, strength, seed, metrics, 0.9) for model, method, strength, seed, metrics in runs]
+    outputs = {key: tmp_path / f"{key}.csv" for key in ("summary", "summary_grid", "summary_trends")}
+    summary_stage(models=[r[0] for r in runs], metrics_stores=[w[1] for w in written], model_dirs=[w[0] for w in written],
+                  output_zarr=tmp_path / "summary.zarr", output_csv=outputs["summary"], output_grid_csv=outputs["summary_grid"],
+                  output_trends_csv=outputs["summary_trends"], options=OPTIONS)  # fmt: skip
+    grid = pd.read_csv(outputs["summary_grid"]).set_index(["grid_point", "subset"])
+    for point, shift in (("gradnorm-lambda1", 0.25), ("gradnorm-lambda3", 0.5)):
+        row = grid.loc[(point, "all")]
+        assert row["alignment_gain"] == pytest.approx(shift, abs=1e-9)
+        assert row["alignment_gain_ci_low"] == pytest.approx(shift, abs=1e-9) and row["alignment_gain_ci_high"] == pytest.approx(shift, abs=1e-9)
+        assert row["robustness_gain"] == pytest.approx(0.0, abs=1e-12)
+    assert np.isnan(grid.loc[(BASE_MODEL, "all")]["alignment_gain"])  # the base itself
+    summary = xr.open_zarr(tmp_path / "summary.zarr")
+    assert "conditional on the one base model" in summary["grid_gain_ci_low"].attrs["long_name"]
 
 
 def test_trends_are_spearman_across_healthy_models_with_intervals(experiment) -> None:  # noqa: ANN001

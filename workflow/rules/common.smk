@@ -15,9 +15,9 @@ from saliency_robustness.fingerprints import (
     package_versions,
     stage_modules,
 )
-from saliency_robustness.grid import external_models, model_grid, model_train_settings, train_methods
+from saliency_robustness.grid import external_models, fine_tunes_base, model_grid, model_train_settings, pretrain_settings, train_methods
 from saliency_robustness.job_environment import export_package_path
-from saliency_robustness.vocabulary import EXTERNAL, GRADNORM, MODEL_NAME_PATTERN
+from saliency_robustness.vocabulary import BASE, BASE_MODEL, EXTERNAL, GRADNORM, GRID_MODEL_PATTERN, MODEL_NAME_PATTERN
 
 
 def check_attacks(ensemble, num_classes):
@@ -61,7 +61,9 @@ RESULTS = f"results/{config['experiment']}"
 LOGS = f"{RESULTS}/logs"
 
 
-MODELS = [*GRID, *EXTERNAL_MODELS]  # every model the stages after training analyse
+# train.init base: every grid model fine-tunes one base model (rule pretrain), analysed with them
+BASE_INIT = fine_tunes_base(config)
+MODELS = [*([BASE_MODEL] if BASE_INIT else []), *GRID, *EXTERNAL_MODELS]  # every model the stages after training analyse
 # an external model's name, literally (never matches when there is none)
 EXTERNAL_NAME_PATTERN = "|".join(re.escape(name) for name in EXTERNAL_MODELS) or "(?!)"
 
@@ -109,7 +111,7 @@ def model_dir(model):
 VECTORIZED = [m for m, point in GRID.items() if point.method == GRADNORM] if config["train"]["vectorized"] else []
 # the models the per-model train rule makes
 TRAIN_PATTERN = (
-    "|".join(re.escape(m) for m in GRID if m not in VECTORIZED) or "(?!)" if VECTORIZED else MODEL_NAME_PATTERN
+    "|".join(re.escape(m) for m in GRID if m not in VECTORIZED) or "(?!)" if VECTORIZED else GRID_MODEL_PATTERN
 )
 
 
@@ -118,6 +120,8 @@ def train_settings(wildcards):
 
 
 def model_settings(model):
+    """What grid model ``model`` is; with train.init base, the base's settings are part of it
+    (a new base recipe retrains the grid; a fine-tune setting leaves the base as it is)."""
     point = GRID[model]
     return canonical({
         "name": model,
@@ -126,7 +130,30 @@ def model_settings(model):
         "dataset": dataset_identity(),
         "model": config["model"],
         "train": model_train_settings(config["train"], point),
+        "base": base_settings() if BASE_INIT else None,
     })
+
+
+def base_settings():
+    """What the base model is: the pretrain recipe on the model section (strength 0)."""
+    return canonical({
+        "name": BASE_MODEL,
+        "method": BASE,
+        "strength": 0.0,
+        "dataset": dataset_identity(),
+        "model": config["model"],
+        "train": pretrain_settings(config),
+    })
+
+
+def train_inputs(wildcards):
+    """A fine-tune reads the base model's directory (train.init base); else nothing."""
+    return {"base": model_dir(BASE_MODEL)} if BASE_INIT else {}
+
+
+# the pretrain job runs alone at the start of the DAG, so it may take every core of the run
+# (pretrain.threads overrides; on a cluster, where the run has no core count, set it)
+PRETRAIN_THREADS = config["pretrain"]["threads"] or workflow.cores
 
 
 def resume_file(wildcards):

@@ -3,6 +3,8 @@
 rule train:
     wildcard_constraints:
         model=TRAIN_PATTERN,
+    input:
+        unpack(train_inputs),
     output:
         directory(f"{RESULTS}/models/{{model}}"),
     params:
@@ -20,6 +22,29 @@ rule train:
         ENV
     script:
         "../scripts/train.py"
+
+
+# train.init base: the base model every grid model fine-tunes (stages/training.pretrain_stage)
+if BASE_INIT:
+
+    rule pretrain:
+        output:
+            directory(model_dir(BASE_MODEL)),
+        params:
+            settings=base_settings(),
+            resume_file=f"{RESULTS}/models/.resume/{BASE_MODEL}.pt",
+            version=stage_version("pretrain", **base_settings()),
+        log:
+            f"{LOGS}/train/{BASE_MODEL}.log",
+        threads: PRETRAIN_THREADS
+        resources:
+            mem_mb=8000,
+            runtime=480,
+            gpu=1,
+        conda:
+            ENV
+        script:
+            "../scripts/pretrain.py"
 
 
 # train.vectorized: the grid's gradnorm models in one job (stages/training.train_vectorized_stage);

@@ -222,3 +222,106 @@ def preact_resnet(
     if len(input_std) != in_channels:
         raise ConfigError(f"model.options.input_std has {len(input_std)} entries for {in_channels} input channels")
     return CenteredInputModel(PreActResNet(in_channels, num_classes, widths, blocks), input_std)
+
+
+class ConvPoolBlock(nn.Module):
+    """conv3x3 - max-pool 2 - BN - ReLU - conv3x3 - BN - ReLU (bias-free convolutions): one
+    resolution stage of :class:`WhitenedCNN`."""
+
+    def __init__(self, in_width: int, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(nn.functional.max_pool2d(self.conv1(x), 2)))
+        return torch.relu(self.bn2(self.conv2(x)))
+
+
+class WhitenedCNN(nn.Module):
+    """A fast-training CIFAR network in the manner of Jordan's airbench (arXiv 2404.00498),
+    with ReLU instead of GELU: a frozen, bias-free 2x2 patch-whitening convolution, one
+    :class:`ConvPoolBlock` per width, a global max-pool and a bias-free dense layer.
+
+    Every layer is linear without bias, ReLU, max-pool (positively homogeneous) or batch norm
+    (in eval mode an affine map whose shift is a bias of the decomposition of docs/spec.md §2),
+    so Psi(x) = <x, grad Psi(x)> + sum_b <b, dPsi/db> holds exactly. The whitening weights
+    come from the training images (:meth:`whiten`, called once before the base model trains);
+    until then the stem is a random projection.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int], whitening_eps: float) -> None:
+        super().__init__()
+        if not widths:
+            raise ConfigError("model.options.widths needs at least one entry")
+        patch = in_channels * 2 * 2
+        self.stem = nn.Conv2d(in_channels, 2 * patch, 2, bias=False)
+        self.stem.weight.requires_grad_(False)
+        self.whitening_eps = whitening_eps
+        blocks: list[nn.Module] = []
+        in_width = 2 * patch
+        for width in widths:
+            blocks.append(ConvPoolBlock(in_width, width))
+            in_width = width
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(in_width, num_classes, bias=False)
+
+    @torch.no_grad()
+    def whiten(self, images: torch.Tensor) -> None:
+        """Set the stem to the whitening of the 2x2 patches of ``images`` (N x C x H x W, the
+        network's input): the patch covariance's eigenvectors scaled by 1 / sqrt(eigenvalue +
+        eps), each filter and its negative (so a ReLU later keeps both signs)."""
+        c = images.shape[1]
+        patches = images.double().unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * 4)
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        filters = (eigenvectors / torch.sqrt(eigenvalues.clamp_min(0) + self.whitening_eps)).T.reshape(c * 4, c, 2, 2)
+        self.stem.weight.copy_(torch.cat([filters, -filters]).to(self.stem.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.blocks(self.stem(x))
+        return self.fc(torch.amax(out, dim=(2, 3)))
+
+
+@register("whitened_cnn")
+def whitened_cnn(
+    *,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    widths: Sequence[int] = (32, 64, 128),
+    whitening_eps: float = 5e-4,
+    input_std: Sequence[float] = CIFAR10_STD,
+) -> nn.Module:
+    """:class:`WhitenedCNN` on the centered image, the std division its bias-free first layer.
+    The widths 32-64-128 were chosen from measured accuracy per CPU-second (docs/cifar10.md)."""
+    if len(input_std) != in_channels:
+        raise ConfigError(f"model.options.input_std has {len(input_std)} entries for {in_channels} input channels")
+    return CenteredInputModel(WhitenedCNN(in_channels, num_classes, widths, whitening_eps), input_std)
+
+
+def whitening_layer(model: nn.Module) -> WhitenedCNN | None:
+    """The :class:`WhitenedCNN` inside ``model`` (whose stem needs the training images), if any."""
+    return next((m for m in model.modules() if isinstance(m, WhitenedCNN)), None)
+
+
+@torch.no_grad()
+def fit_whitening(model: nn.Module, images: torch.Tensor) -> bool:
+    """Whiten the stem of the :class:`WhitenedCNN` inside ``model`` on ``images`` (the model's
+    input), as the network sees them after whatever comes before it (``CenteredInputModel``'s
+    std division). False when ``model`` has no such stem."""
+    net = whitening_layer(model)
+    if net is None:
+        return False
+    seen: list[torch.Tensor] = []
+    handle = net.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    was_training = model.training
+    try:
+        model.eval()(images)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    net.whiten(seen[0])
+    return True

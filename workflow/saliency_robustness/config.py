@@ -102,7 +102,7 @@ def validate_config(config: Mapping[str, Any], schema_path: Path | str = SCHEMA_
         raise ConfigError(f"config key '{found[0]}': {found[1]} is not a finite number")
     kind = checked["dataset"]["kind"]
     if kind in SPLIT_SIZES:
-        for key, section, split in (("n_eval", "dataset", "test"), ("n_train", "train", "train")):
+        for key, section, split in (("n_eval", "dataset", "test"), ("n_train", "train", "train"), ("n_train", "pretrain", "train")):
             n, size = checked[section][key], SPLIT_SIZES[kind][split]
             if n is not None and n > size:
                 raise ConfigError(f"config key '{section}.{key}': {n} is more than the {size} images of {DATASET_NAMES[kind]}'s {split} split")
@@ -115,12 +115,15 @@ def validate_config(config: Mapping[str, Any], schema_path: Path | str = SCHEMA_
                 f"config key 'train.seed': {raw_train['seed']} is not among train.seeds {train['seeds']} (seed is short for seeds: [seed]; keep one)"
             )
         train["seed"] = train["seeds"][0]
-    if checked["dataset"]["decode"] == "once" and train["num_workers"] > 0:
-        # each loader worker would fill, and lose at the epoch's end, its own copy of the cache
-        raise ConfigError(
-            f"config key 'dataset.decode': once keeps the decoded images in the training process; "
-            f"set train.num_workers to 0 (it is {train['num_workers']}) or decode per_epoch"
-        )
+    if train["init"] == "base" and train["vectorized"]:
+        raise ConfigError("config key 'train.vectorized': trains from model.weights only; set it to false with train.init: base")
+    for section in ("train", "pretrain"):
+        if checked["dataset"]["decode"] == "once" and checked[section]["num_workers"] > 0:
+            # each loader worker would fill, and lose at the epoch's end, its own copy of the cache
+            raise ConfigError(
+                f"config key 'dataset.decode': once keeps the decoded images in the training process; "
+                f"set {section}.num_workers to 0 (it is {checked[section]['num_workers']}) or decode per_epoch"
+            )
     check_external_models(checked)
     attacks = checked["attacks"]
     if not attacks["store_adversarials"] and any(a["refine"] for a in attacks["ensemble"].values()):

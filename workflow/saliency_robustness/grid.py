@@ -74,3 +74,21 @@ def model_train_settings(train: Mapping[str, Any], point: GridPoint) -> dict[str
 def external_models(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Name -> entry of every ``models.external`` model, in the config's order."""
     return {entry["name"]: dict(entry) for entry in config["models"]["external"]}
+
+
+#: the ``train`` keys that describe the grid, not one model's recipe (no model sees them)
+_GRID_KEYS = ("lambdas", "seeds", "method", "adversarial", "init", "vectorized")
+
+
+def fine_tunes_base(config: Mapping[str, Any]) -> bool:
+    """Whether every grid model fine-tunes the base model (``train.init: base``)."""
+    return config["train"]["init"] == "base"
+
+
+def pretrain_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The base model's ``train`` section: the ``pretrain`` recipe (no penalty, no PGD) over
+    ``train``'s loss options (sensitivity, p: the spec's), without the grid's keys or
+    ``pretrain.threads`` (how many cores run it does not change what it is)."""
+    recipe = {k: v for k, v in config["pretrain"].items() if k != "threads"}
+    shared = {k: v for k, v in config["train"].items() if k not in (*_GRID_KEYS, *recipe)}
+    return {**shared, **recipe}

@@ -29,15 +29,35 @@ def freeze_batchnorm(model: nn.Module) -> None:
 
 
 def make_optimizer(model: nn.Module, train: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """SGD (Nesterov with ``train.nesterov``) or Adam over the trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     if train["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=train["learning_rate"], momentum=train["momentum"], weight_decay=train["weight_decay"])
+        return torch.optim.SGD(
+            params, lr=train["learning_rate"], momentum=train["momentum"], weight_decay=train["weight_decay"], nesterov=train["nesterov"]
+        )
     return torch.optim.Adam(params, lr=train["learning_rate"], weight_decay=train["weight_decay"])
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, train: Mapping[str, Any]) -> torch.optim.lr_scheduler.StepLR:
-    """The learning rate times ``train.lr_gamma`` every ``train.lr_step_epochs`` epochs."""
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=train["lr_step_epochs"], gamma=train["lr_gamma"])
+def per_step_schedule(train: Mapping[str, Any]) -> bool:
+    """Whether the schedule steps after every optimizer step (triangular) or every epoch (step)."""
+    return train["schedule"] == "triangular"
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: Mapping[str, Any], steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """``train.schedule``: step (the learning rate times ``lr_gamma`` every ``lr_step_epochs``
+    epochs) or triangular (a linear warm-up over ``warmup_fraction`` of the
+    ``epochs * steps_per_epoch`` optimizer steps, then a linear decay to 0)."""
+    if not per_step_schedule(train):
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=train["lr_step_epochs"], gamma=train["lr_gamma"])
+    total = max(1, train["epochs"] * steps_per_epoch)
+    warmup = int(train["warmup_fraction"] * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class StepLog:

@@ -24,6 +24,8 @@ from saliency_robustness.errors import StoreError, one_line
 from saliency_robustness.vocabulary import (
     ADVERSARIAL,
     ATTRIBUTION_LABELS,
+    BASE,
+    BASE_MODEL,
     EXTERNAL,
     GRADIENT,
     GRADNORM,
@@ -43,9 +45,16 @@ NAMES = {
     "bias_term_signed": "signed bias term β†/‖g†‖",
 }
 #: per training method: marker of a model, marker of a grid point (mean over seeds), palette by strength
-METHOD_STYLE = {GRADNORM: ("o", "D", "viridis"), ADVERSARIAL: ("s", "h", "flare"), EXTERNAL: ("P", "p", "Dark2")}
+METHOD_STYLE = {
+    BASE: ("*", "*", "dark:black"),
+    GRADNORM: ("o", "D", "viridis"),
+    ADVERSARIAL: ("s", "h", "flare"),
+    EXTERNAL: ("P", "p", "Dark2"),
+}
 #: how a grid point's label names each trained method's strength (``gradnorm-lambda0.3`` -> ``λ=0.3``)
 STRENGTH_LABELS = {GRADNORM: "λ=", ADVERSARIAL: "PGD ε="}
+#: how figures name the base model that every grid model fine-tunes (train.init base)
+BASE_LABEL = "base (λ=ε=0)"
 #: what each image subset is, in the footer
 SUBSET_DESCRIPTIONS = {"all": "all evaluation images", "correct": "correctly classified images"}
 
@@ -107,6 +116,8 @@ def quantity_name(quantity: str) -> str:
 def display_label(grid_point: str) -> str:
     """``gradnorm-lambda0.3`` -> ``λ=0.3``, ``pgd-eps1.5`` -> ``PGD ε=1.5`` (the grid point: all
     its training setting but the seed)."""
+    if grid_point == BASE_MODEL:
+        return BASE_LABEL
     for method, shown in STRENGTH_LABELS.items():
         prefix = METHODS[method].prefix
         if prefix:

@@ -123,15 +123,19 @@ def regularized_loss(
     p: float,
     penalty_gradient: str,
     finite_difference_step: float,
+    label_smoothing: float | None = None,
 ) -> LossTerms:
     """The training objective of docs/spec.md §3 without weight decay (the optimizer applies that).
 
     With ``lam == 0`` no input gradient is taken: the step is plain cross-entropy. The penalty
     is differentiated exactly (double backprop) or by :func:`finite_difference_penalty`.
+    ``label_smoothing`` (None: none) smooths the cross-entropy term only; the penalty's
+    sensitivity stays the plain loss of docs/spec.md §3.
     """
+    smoothing = label_smoothing or 0.0
     if lam == 0:
         logits = model(x)
-        ce = F.cross_entropy(logits, y)
+        ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
         return LossTerms(ce, ce.detach(), None, (logits.argmax(1) == y).sum())
     x = x.detach().requires_grad_(True)
     if penalty_gradient == "exact":
@@ -144,5 +148,5 @@ def regularized_loss(
         penalty = finite_difference_penalty(model, x, y, s, step=finite_difference_step, p=p, sensitivity=sensitivity, draws=draws).mean()
     else:
         raise ValueError(f"penalty_gradient must be one of {PENALTY_GRADIENTS}, not {penalty_gradient!r}")
-    ce = F.cross_entropy(logits, y)
+    ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
     return LossTerms(ce + lam * penalty, ce.detach(), penalty.detach(), (logits.argmax(1) == y).sum())

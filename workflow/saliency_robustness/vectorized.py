@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from saliency_robustness.errors import ConfigError
-from saliency_robustness.optimization import StepLog, freeze_batchnorm, make_optimizer, make_scheduler
+from saliency_robustness.optimization import StepLog, freeze_batchnorm, make_optimizer, make_scheduler, per_step_schedule
 from saliency_robustness.regularizers import norm_power, per_example_sensitivity
 from saliency_robustness.runtime import full_precision, progress
 from saliency_robustness.training_data import DeviceBatches, epoch_seed, in_memory_tensors
@@ -101,12 +101,14 @@ def fit_vectorized(
     model's per-step log, as :func:`fit` writes it. Exact penalty, in-memory data only."""
     if train["penalty_gradient"] != "exact" or train["accumulation_steps"] != 1:
         raise ConfigError("train.vectorized trains with penalty_gradient: exact and accumulation_steps: 1 only")
+    if per_step_schedule(train) or train["label_smoothing"] != 0:
+        raise ConfigError("train.vectorized trains with schedule: step and label_smoothing: 0 only")
     tensors = [in_memory_tensors(ds) for ds in train_sets]
     if any(t is None for t in tensors) or len({len(t[1]) for t in tensors if t is not None}) != 1:
         raise ConfigError("train.vectorized needs in-memory training sets of one size (MNIST, CIFAR-10)")
     with full_precision():
         stack = StackedModels(models, train, lams, device)
-        scheduler = make_scheduler(stack.optimizer, train)
+        scheduler = make_scheduler(stack.optimizer, train, steps_per_epoch=0)  # step: per epoch
         data = [DeviceBatches(t, {**train, "seed": seed}, device) for t, seed in zip(tensors, seeds)]  # type: ignore[arg-type]
         steps = StepLog([f"lambda={lam:g} (model {m} of the vectorised stack); lower lambda" for m, lam in enumerate(lams)])
         step = 0

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 GRADNORM = "gradnorm"  # gradient-norm (double-backprop) regularization; strength: lambda
 ADVERSARIAL = "adversarial"  # L2 PGD adversarial training; strength: the radius epsilon
 EXTERNAL = "external"  # a model the pipeline did not train (models.external); no strength
+BASE = "base"  # the base model every grid point fine-tunes from (train.init: base); strength 0
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Method:
 
 #: every method, in the order models are stacked and plotted
 METHODS = {
+    BASE: Method(BASE, None, None, None),
     GRADNORM: Method(GRADNORM, "lambda", "lambdas", "gradnorm-lambda"),
     ADVERSARIAL: Method(ADVERSARIAL, "epsilon", "adversarial.epsilons", "pgd-eps"),
     EXTERNAL: Method(EXTERNAL, None, None, None),
@@ -40,8 +42,13 @@ TRAINED_METHODS = tuple(name for name, method in METHODS.items() if method.prefi
 
 # --- model names ------------------------------------------------------------------------------
 
+#: the base model's name (rule pretrain writes models/base/)
+BASE_MODEL = "base"
 #: what a trained model's name looks like (the Snakemake wildcard constraint is built from it)
-MODEL_NAME_PATTERN = "(?:" + "|".join(METHODS[m].prefix or "" for m in TRAINED_METHODS) + r")[0-9.e+-]+-seed[0-9]+"
+#: a model of the training grid (method x strength x seed)
+GRID_MODEL_PATTERN = "(?:" + "|".join(METHODS[m].prefix or "" for m in TRAINED_METHODS) + r")[0-9.e+-]+-seed[0-9]+"
+#: any model the pipeline trains: a grid model or the base
+MODEL_NAME_PATTERN = f"(?:{GRID_MODEL_PATTERN}|{BASE_MODEL})"
 _MODEL_NAME = re.compile("(" + "|".join(re.escape(METHODS[m].prefix or "") for m in TRAINED_METHODS) + r")([0-9.e+-]+)-seed([0-9]+)")
 
 

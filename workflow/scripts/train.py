@@ -1,4 +1,4 @@
-"""Train one model of the grid into models/<model>/."""
+"""Train one model of the grid into models/<model>/ (from the base model with train.init base)."""
 
 from saliency_robustness.runtime import script_main
 from saliency_robustness.stages.training import model_spec, train_stage
@@ -13,4 +13,6 @@ with script_main(snakemake) as sm:  # noqa: F821 (injected by Snakemake)
         output=sm.output[0],
         resume_file=sm.params.resume_file,
         resume_key=sm.params.version,
+        base_dir=sm.input.get("base"),
+        base_spec=model_spec(**settings["base"]) if settings["base"] else None,
     )

@@ -43,7 +43,7 @@ from saliency_robustness.plotting import (
     trend_text,
 )
 from saliency_robustness.stores import content_digest, open_store
-from saliency_robustness.vocabulary import ATTRIBUTION_LABELS, EXTERNAL, GRADIENT, GRADNORM, GRID_STATISTICS, MODEL_STATISTICS
+from saliency_robustness.vocabulary import ATTRIBUTION_LABELS, BASE, EXTERNAL, GRADIENT, GRADNORM, GRID_STATISTICS, MODEL_STATISTICS
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _median_plot(ax: plt.Axes, inputs: FigureInputs, models: pd.DataFrame, grid:
     # the line joins each method's grid points by strength; with one seed each, the models themselves
     healthy = models[~models["degenerate"]].rename(columns=lambda c: c.replace("_median", "_mean_median"))
     for method in dict.fromkeys(grid["method"]):
-        if method == EXTERNAL:  # external models have no strength to order them by
+        if method in (EXTERNAL, BASE):  # one point each: no strength to order them by
             continue
         line = (grid if replicated else healthy).query("method == @method")
         ax.plot(line[f"{x}_mean_median"], line[f"{y}_mean_median"], color="0.6", lw=1, ls="-" if method == GRADNORM else "--", zorder=1)

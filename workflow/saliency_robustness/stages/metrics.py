@@ -70,7 +70,32 @@ METRICS: dict[str, tuple[str, str]] = {
     "bound_rhs": ("bound on the linearized robustness: alignment + angle term + bias term", DISTANCE),
     "homogeneous_term": ("homogeneous term <x, g†> / ||g†|| of the linearized robustness", DISTANCE),
     "bias_term_signed": ("signed bias term beta† / ||g†|| (linearized robustness = homogeneous term + this)", DISTANCE),
+    "edge_correlation": ("Pearson correlation over pixels of |g| (summed over channels) with the Sobel edge magnitude of the image", "1"),
 }
+
+#: the Sobel kernel of the x derivative (its transpose: y)
+_SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """The Sobel gradient magnitude (``batch x y x x``, float64) of the channel mean of
+    ``x`` (``batch x channel x y x x``), the border replicated: the image's edges."""
+    gray = x.double().mean(dim=1, keepdim=True)
+    padded = torch.nn.functional.pad(gray, (1, 1, 1, 1), mode="replicate")
+    kernel = torch.stack([_SOBEL, _SOBEL.T])[:, None].to(padded)
+    gx, gy = torch.nn.functional.conv2d(padded, kernel).unbind(dim=1)
+    return torch.hypot(gx, gy)
+
+
+def edge_correlation(x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+    """Per image, the Pearson correlation over pixels of ``|saliency|`` summed over channels
+    with :func:`sobel_magnitude` of ``x`` (both ``batch x channel x y x x``): how much of the
+    saliency map's mass lies on the object's edges (1: proportional to the edge map; 0:
+    unrelated; NaN for a constant image or map)."""
+    mass = saliency.double().abs().sum(dim=1).flatten(1)
+    edges = sobel_magnitude(x).flatten(1)
+    mass, edges = mass - mass.mean(dim=1, keepdim=True), edges - edges.mean(dim=1, keepdim=True)
+    return (mass * edges).sum(dim=1) / (_norm(mass) * _norm(edges))
 
 
 def _norm(v: torch.Tensor) -> torch.Tensor:
@@ -140,6 +165,7 @@ def _batch_metrics(model: nn.Module, x: torch.Tensor, probes: BiasProbes, class_
         "bound_rhs": alignment + bound_angle_term + bound_bias_term,
         "homogeneous_term": homogeneous_term,
         "bias_term_signed": bias_part / g_dag_norm,
+        "edge_correlation": edge_correlation(x.detach(), saliency.view_as(x)),
     }
 
 

@@ -49,7 +49,7 @@ from saliency_robustness.statistics import (
 )
 from saliency_robustness.stores import provenance, write_store
 from saliency_robustness.tables import PER_GRID_POINT, PER_MODEL, grid_table, model_table, trend_table, write_csv
-from saliency_robustness.vocabulary import GRADIENT, METHODS, SUBSETS
+from saliency_robustness.vocabulary import BASE, GRADIENT, METHODS, SUBSETS
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ SUMMARISED = (
     "bias_term_signed",
     "bound_angle_term",
     "bound_bias_term",
+    "edge_correlation",
 )
 # (x, y) pairs whose Spearman rank correlation over images is given per model
 CORRELATED = (("alignment", "robustness"), ("linearized_robustness", "robustness"))
@@ -193,11 +194,13 @@ def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datase
     summarised = quantities(stacked)
     shape = (len(points), len(SUBSETS), len(summarised))
     stats = {name: np.full(shape, np.nan) for name in PER_GRID_POINT}
-    # each method's gains are over its own smallest strength (the first of its grid points)
+    # each method's gains are over the base model every grid model fine-tuned (train.init
+    # base), else over the method's own smallest strength (the first of its grid points)
+    base = next((models for point, models in points.items() if method[point] == BASE and models), None)
     baselines = {}
     for point, models in points.items():
         if models and METHODS[method[point]].strength is not None:  # external models have no baseline
-            baselines.setdefault(method[point], models)
+            baselines.setdefault(method[point], base or models)
     index = {m: k for k, m in enumerate(healthy)}
     for j, subset in enumerate(SUBSETS):
         # one set of image draws for all models of the subset: gains are paired by image
@@ -216,18 +219,26 @@ def grid_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datase
             if models is not baselines.get(method[point]) and baseline:
                 gain = estimate - medians[baseline].mean(axis=0)
                 gain_draws = draws[:, rows].mean(axis=1) - draws[:, baseline].mean(axis=1)
-                low, high = seed_interval(gain, [medians[rows], medians[baseline]], gain_draws, options.confidence_level)
+                # the shared base is one fixed model: the interval is conditional on it (the
+                # fine-tunes' seeds and the images), so it has no seed term of its own
+                seed_terms = [medians[rows]] if base is not None else [medians[rows], medians[baseline]]
+                low, high = seed_interval(gain, seed_terms, gain_draws, options.confidence_level)
                 stats["gain"][i, j], stats["gain_ci_low"][i, j], stats["gain_ci_high"][i, j] = gain, low, high
     level = f"{options.confidence_level:.0%}"
     how = "Student-t over seeds plus the image-resampling variance; images only for a single seed"
+    gain_how = (
+        "Student-t over the fine-tunes' seeds, paired images; conditional on the one base model"
+        if base is not None
+        else "Welch over both grid points' seeds, paired images"
+    )
     long_names = {
         "mean_median": "mean over replicate seeds of the per-model median",
         "mean_median_ci_low": f"lower end of the {level} CI ({how})",
         "mean_median_ci_high": f"upper end of the {level} CI ({how})",
         "seed_sd": "standard deviation over seeds of the per-model median",
-        "gain": "mean median minus that of the method's first grid point (its smallest strength)",
-        "gain_ci_low": f"lower end of the gain's {level} CI (Welch over both grid points' seeds, paired images)",
-        "gain_ci_high": f"upper end of the gain's {level} CI (Welch over both grid points' seeds, paired images)",
+        "gain": "mean median minus that of the base model (train.init base), else of the method's first grid point (its smallest strength)",
+        "gain_ci_low": f"lower end of the gain's {level} CI ({gain_how})",
+        "gain_ci_high": f"upper end of the gain's {level} CI ({gain_how})",
     }
     ds = xr.Dataset(
         {

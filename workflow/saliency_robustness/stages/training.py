@@ -25,19 +25,23 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from saliency_robustness.architectures import fit_whitening
 from saliency_robustness.data import MNIST_INPUT_SPACE, InputSpace, class_names, open_split, seeded_subset
-from saliency_robustness.errors import ConfigError, PipelineError
+from saliency_robustness.errors import ConfigError, PipelineError, StoreError
+from saliency_robustness.fingerprints import fingerprint
 from saliency_robustness.models import (
     ModelSpec,
     build_model,
     degenerate_reason,
     load_initial_weights,
+    load_model,
+    load_spec,
     save_machine,
     save_model,
     save_performance,
     test_performance,
 )
-from saliency_robustness.optimization import StepLog, freeze_batchnorm, make_optimizer, make_scheduler, write_log
+from saliency_robustness.optimization import StepLog, freeze_batchnorm, make_optimizer, make_scheduler, per_step_schedule, write_log
 from saliency_robustness.pgd import AdversarialTraining, adversarial_batch
 from saliency_robustness.regularizers import LossTerms, regularized_loss
 from saliency_robustness.runtime import full_precision, machine, progress, resolve_device
@@ -50,12 +54,22 @@ log = logging.getLogger(__name__)
 
 
 def model_spec(
-    *, name: str, method: str, strength: float, dataset: Mapping[str, Any], model: Mapping[str, Any], train: Mapping[str, Any]
+    *,
+    name: str,
+    method: str,
+    strength: float,
+    dataset: Mapping[str, Any],
+    model: Mapping[str, Any],
+    train: Mapping[str, Any],
+    base: Mapping[str, Any] | None = None,
 ) -> ModelSpec:
     """The spec of grid member ``name``: its method and strength (lambda, or the PGD radius
     epsilon) plus the shared options (``train`` is the model's own view of the section,
-    ``grid.model_train_settings``)."""
+    ``grid.model_train_settings``). ``base``: the settings of the base model it fine-tunes
+    (train.init base), recorded as their fingerprint."""
     shared = {k: v for k, v in train.items() if k != "lambdas"}
+    if base is not None:
+        shared["base"] = fingerprint(base)
     return ModelSpec(
         name=name,
         architecture=model["architecture"],
@@ -124,13 +138,16 @@ def fit(
     last completed epoch.
     """
     with full_precision():
-        model.to(device)
+        memory_format = torch.channels_last if train["channels_last"] else torch.contiguous_format
+        model.to(device, memory_format=memory_format)
         bounds = space.input_bounds(device)
         optimizer = make_optimizer(model, train)
-        scheduler = make_scheduler(optimizer, train)
+        accumulate = train["accumulation_steps"]
+        steps_per_epoch = math.ceil(math.ceil(len(train_set) / train["batch_size"]) / accumulate)  # type: ignore[arg-type]
+        scheduler = make_scheduler(optimizer, train, steps_per_epoch)
+        per_step = per_step_schedule(train)
         start_epoch, rows = _restore(resume_file, resume_key, model, optimizer, scheduler, device)
         steps = StepLog([f"PGD epsilon={adversarial.epsilon:g}; lower epsilon" if adversarial else f"lambda={lam:g}; lower lambda"], [rows])
-        accumulate = train["accumulation_steps"]
         step = len(rows)
         batches_of = training_batches(train_set, train, device)
         for epoch in range(start_epoch, train["epochs"]):
@@ -144,6 +161,8 @@ def fit(
             batches = len(loader)  # type: ignore[arg-type]
             for i, (x, y) in enumerate(bar):
                 x = x.to(device, non_blocking=True)
+                if x.ndim == 4:
+                    x = x.contiguous(memory_format=memory_format)
                 y = y.to(device, non_blocking=True)
                 if adversarial is not None:
                     x = adversarial_batch(model, x, y, adversarial, bounds)
@@ -156,6 +175,7 @@ def fit(
                     p=train["p"],
                     penalty_gradient=train["penalty_gradient"],
                     finite_difference_step=train["finite_difference_step"],
+                    label_smoothing=train["label_smoothing"],
                 )
                 # the mean over the optimizer step's batches (fewer in the epoch's last group)
                 group = min(accumulate, batches - (i // accumulate) * accumulate)
@@ -168,8 +188,11 @@ def fit(
                 if (i + 1) % accumulate == 0 or i + 1 == batches:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if per_step:
+                        scheduler.step()
                 step += 1
-            scheduler.step()
+            if not per_step:
+                scheduler.step()
             rows = steps.rows[0]
             recent = rows[-batches:]
             log.info(
@@ -199,11 +222,13 @@ def write_model_dir(
     test_set: Dataset,
     train: Mapping[str, Any],
     seconds: float,
+    untrained: bool = False,
 ) -> None:
     """Measure the trained model on the whole test set (warning when it is degenerate) and
     write ``models/<model>/`` atomically: ``model.pt``, ``spec.json``, ``training_log.csv``,
-    ``test_accuracy.json`` and ``machine.json``."""
-    if not rows:
+    ``test_accuracy.json`` and ``machine.json``. A model without a training step is refused
+    unless ``untrained`` says that it is meant (a base model of ``pretrain.epochs: 0``)."""
+    if not rows and not untrained:
         raise PipelineError("training ran no step: check train.epochs and the training set")
     device = next(model.parameters()).device
     test_accuracy, majority_share = test_performance(model, test_set, device=device, num_workers=train["num_workers"])
@@ -218,6 +243,25 @@ def write_model_dir(
         save_performance(tmp, test_accuracy, majority_share, len(test_set), train_seconds=seconds)  # type: ignore[arg-type]
 
 
+def _training_problem(
+    spec: ModelSpec, dataset: Mapping[str, Any], train: Mapping[str, Any], data_root: str | Path
+) -> tuple[Dataset, Dataset, InputSpace, nn.Module]:
+    """The training subset, the test split, the input space and a fresh model of ``spec``."""
+    train_split, space = open_split(dataset, data_root, "train")
+    check_classes(spec, class_names(train_split))
+    train_set, _ = seeded_subset(train_split, train["n_train"], train["seed"])
+    test_set, _ = open_split(dataset, data_root, "test")
+    return train_set, test_set, space, build_model(spec)
+
+
+def _resume_path(resume_file: str | Path | None) -> Path | None:
+    """The per-epoch state file (its folder made), or None without one."""
+    resume = Path(resume_file) if resume_file else None
+    if resume is not None:
+        resume.parent.mkdir(parents=True, exist_ok=True)
+    return resume
+
+
 def train_stage(
     *,
     spec: ModelSpec,
@@ -227,25 +271,70 @@ def train_stage(
     output: str | Path,
     resume_file: str | Path | None = None,
     resume_key: str = "",
+    base_dir: str | Path | None = None,
+    base_spec: ModelSpec | None = None,
 ) -> None:
-    """Train one model of the grid and write its ``models/<model>/`` (:func:`write_model_dir`)."""
+    """Train one model of the grid and write its ``models/<model>/`` (:func:`write_model_dir`),
+    starting from ``model.weights`` or, with ``base_dir``, from the exact weights of the base
+    model there (refused unless its spec is ``base_spec``, the base this model's settings name)."""
     device = resolve_device()
     log.info("training %s (%s, %s %g) on %s", spec.name, spec.method, METHODS[spec.method].strength, spec.strength, device)
-    train_split, space = open_split(dataset, data_root, "train")
-    check_classes(spec, class_names(train_split))
-    train_set, _ = seeded_subset(train_split, train["n_train"], train["seed"])
-    test_set, _ = open_split(dataset, data_root, "test")
-    model = build_model(spec)
-    load_initial_weights(model, spec, data_root)  # a resumed run replaces them with its saved state
-    resume = Path(resume_file) if resume_file else None
-    if resume is not None:
-        resume.parent.mkdir(parents=True, exist_ok=True)
+    train_set, test_set, space, model = _training_problem(spec, dataset, train, data_root)
+    if base_dir is None:
+        load_initial_weights(model, spec, data_root)  # a resumed run replaces them with its saved state
+    else:
+        model.load_state_dict(base_state(base_dir, base_spec))
+    resume = _resume_path(resume_file)
     started = time.perf_counter()
     adversarial = AdversarialTraining.from_config(spec.strength, train["adversarial"]) if spec.method == ADVERSARIAL else None
     rows = fit(
         model, train_set, train, spec.penalty_weight, device=device, resume_file=resume, resume_key=resume_key, adversarial=adversarial, space=space
     )
     write_model_dir(model, spec, rows, output, test_set=test_set, train=train, seconds=time.perf_counter() - started)
+    if resume is not None and resume.exists():
+        resume.unlink()
+
+
+def base_state(base_dir: str | Path, expected: ModelSpec | None) -> dict[str, torch.Tensor]:
+    """The weights of the base model in ``base_dir`` (``models/base/``, manifest checked),
+    refused when its spec is not ``expected``: a base of other settings is another model."""
+    spec = load_spec(base_dir)
+    if expected is not None and spec.to_json() != expected.to_json():
+        raise StoreError(f"{base_dir} holds a base model of other settings than this run's pretrain section; delete it and rerun snakemake")
+    return load_model(base_dir).state_dict()
+
+
+def pretrain_stage(
+    *,
+    spec: ModelSpec,
+    dataset: Mapping[str, Any],
+    train: Mapping[str, Any],
+    data_root: str | Path,
+    output: str | Path,
+    resume_file: str | Path | None = None,
+    resume_key: str = "",
+    whitening_images: int = 5000,
+) -> None:
+    """Train the base model (``train``: the pretrain recipe, no penalty) from ``model.weights``
+    or a random initialization, and write its ``models/base/`` (:func:`write_model_dir`).
+
+    A :class:`~saliency_robustness.architectures.WhitenedCNN` stem is first whitened on the
+    first ``whitening_images`` training images (when it starts at random). With 0 epochs the
+    initial weights are the base as they are (ImageNet: torchvision's ResNet50), measured on
+    the test set like any model."""
+    device = resolve_device()
+    log.info("pretraining %s (%d epochs, no penalty) on %s with %d threads", spec.name, train["epochs"], device, torch.get_num_threads())
+    train_set, test_set, space, model = _training_problem(spec, dataset, train, data_root)
+    load_initial_weights(model, spec, data_root)
+    if train["epochs"] > 0 and spec.weights is None:
+        first = [train_set[i][0] for i in range(min(whitening_images, len(train_set)))]  # type: ignore[arg-type]
+        if fit_whitening(model, torch.stack(first)):
+            log.info("whitened the stem on %d training images", len(first))
+    resume = _resume_path(resume_file)
+    started = time.perf_counter()
+    rows = fit(model, train_set, train, 0.0, device=device, resume_file=resume, resume_key=resume_key, space=space) if train["epochs"] else []
+    model.to(device)
+    write_model_dir(model, spec, rows, output, test_set=test_set, train=train, seconds=time.perf_counter() - started, untrained=not train["epochs"])
     if resume is not None and resume.exists():
         resume.unlink()
 
