@@ -62,6 +62,8 @@ def saliency_gallery(inputs: FigureInputs) -> plt.Figure:
     shown = gallery_models(inputs)
     attributions = inputs.attributions
     lam = {m: f"{label}\n(seed {seed})" for m, label, seed in zip(shown["model"], shown["label"], shown["seed"])}
+    # the number to check the gradient rows against: the model's median edge correlation
+    edges = dict(zip(shown["model"], shown["edge_correlation_median"])) if "edge_correlation_median" in shown else {}
     by = "λ" if shown["method"].nunique() == 1 else "method and strength"
     rgb = pixels.shape[1] > 1
     rows: list[tuple[str, str | None, str | None]] = [("image", None, None)]
@@ -95,14 +97,18 @@ def saliency_gallery(inputs: FigureInputs) -> plt.Figure:
                 im = axes[row, col].imshow(drawn, cmap="magma", vmin=0, vmax=float(drawn.max()) or 1.0)
         suffix = "" if not rgb else f"\n{kind}"
         prefix = "" if len(attributions) == 1 else f"{ATTRIBUTION_LABELS.get(str(attribution), attribution)}\n"
-        axes[row, 0].set_ylabel(f"{prefix}{lam[model]}{suffix}", fontsize="small")
+        edge = f"\nedge r {edges[model]:.2f}" if attribution == GRADIENT and kind == "signed" and np.isfinite(edges.get(model, np.nan)) else ""
+        axes[row, 0].set_ylabel(f"{prefix}{lam[model]}{suffix}{edge}", fontsize="small")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0, 0].set_ylabel("image", fontsize="small")
     fig.colorbar(im, ax=axes[1:, -1], shrink=0.6, label="saliency / max |saliency| (per map)", ticks=[])
     if len(attributions) == 1:
-        fig.suptitle(rf"Saliency maps $\nabla\Psi^{{F(x)}}(x)$, one row per grid point by {by}")
+        fig.suptitle(
+            rf"Saliency maps $\nabla\Psi^{{F(x)}}(x)$, one row per grid point by {by}"
+            + ("\n(edge r: the model's median correlation of |saliency| with the image's Sobel edges)" if edges else "")
+        )
     else:
         fig.suptitle("Attribution maps of the predicted logit (signed), one row per (method, grid point)")
     return fig
