@@ -281,6 +281,10 @@ def test_gains_of_fine_tunes_are_over_the_one_base_model_conditional_on_it(tmp_p
     assert np.isnan(grid.loc[(BASE_MODEL, "all")]["alignment_gain"])  # the base itself
     summary = xr.open_zarr(tmp_path / "summary.zarr")
     assert "conditional on the one base model" in summary["grid_gain_ci_low"].attrs["long_name"]
+    # the base is the method's strength-0 point in its trends, and has no trend of its own
+    trends = pd.read_csv(outputs["summary_trends"]).set_index(["subset", "trend"])
+    assert trends.loc[("all", "lambda ~ median alignment"), "n_models"] == 5 and trends.loc[("all", "lambda ~ median alignment"), "spearman"] == 1.0
+    assert not any(t.startswith(BASE) for t in trends.index.get_level_values("trend"))
 
 
 def test_trends_are_spearman_across_healthy_models_with_intervals(experiment) -> None:  # noqa: ANN001

@@ -91,9 +91,10 @@ def quantities(stacked: xr.Dataset) -> tuple[str, ...]:
 def trends(stacked: xr.Dataset) -> list[Trend]:
     """The across-model trends: alignment against robustness over all models; per training
     method, its strength against robustness and alignment (and, with several methods,
-    alignment against robustness within each); per extra attribution map, its alignment
-    against robustness."""
-    methods = list(dict.fromkeys(str(m) for m in stacked["method"].values))
+    alignment against robustness within each), with the base model (``train.init: base``) as
+    every method's strength-0 point; per extra attribution map, its alignment against
+    robustness."""
+    methods = list(dict.fromkeys(str(m) for m in stacked["method"].values if str(m) != BASE))
     found = [Trend("median alignment ~ median robustness", "alignment", "robustness")]
     for method in methods:
         strength = METHODS[method].strength
@@ -283,7 +284,7 @@ def trend_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
             continue
         medians, draws = image_resampled_medians(_masked(stacked, subset_mask(stacked, subset), models), options)
         for k, trend in enumerate(found):
-            chosen = np.array([m for m in range(len(models)) if trend.method is None or method[m] == trend.method])
+            chosen = np.array([m for m in range(len(models)) if trend.method is None or method[m] in (trend.method, BASE)])
             position = {m: i for i, m in enumerate(chosen)}
             trend_groups = [[position[m] for m in g if m in position] for g in groups]
             trend_groups = [g for g in trend_groups if g]
@@ -326,8 +327,8 @@ def trend_statistics(stacked: xr.Dataset, options: BootstrapOptions) -> xr.Datas
             "trend_n_models": ("subset", n_models, {"long_name": "non-degenerate models in the across-model statistics", "units": "1"}),
             "trend_points": (
                 ("subset", "trend"),
-                np.tile([int(sum(method == t.method) if t.method else len(models)) for t in found], (len(SUBSETS), 1)),
-                {"long_name": "models (points) in this correlation: all non-degenerate ones, or those of its method", "units": "1"},
+                np.tile([int(sum((method == t.method) | (method == BASE)) if t.method else len(models)) for t in found], (len(SUBSETS), 1)),
+                {"long_name": "models (points) in this correlation: all non-degenerate ones, or those of its method and the base", "units": "1"},
             ),
         },
         coords={"subset": list(SUBSETS), "trend": [t.name for t in found]},
