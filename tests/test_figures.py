@@ -76,6 +76,7 @@ def fake_metrics(method: str, strength: float, i: int, attributions: list[str]) 
         "bound_angle_term": rng.uniform(0, 1, N),
         "bound_bias_term": np.abs(bias),
         "correct": rng.uniform(size=N) < 0.7,
+        "edge_correlation": np.random.default_rng(1000 + i).uniform(-0.2, 0.6, N),  # its own draws: the others stay as they were
     }
     per_image["label"] = LABELS
     per_image["prediction"] = np.where(per_image["correct"], LABELS, (LABELS + 1) % 10)
@@ -603,7 +604,10 @@ def assert_gallery(fig: plt.Figure, inputs: FigureInputs, rows: list[tuple[str, 
         maps = store["saliency"] if attribution == GRADIENT else store["attribution_map"].sel(attribution=attribution)
         for kind_index, kind in enumerate(kinds):
             row = axes[1 + r * len(kinds) + kind_index]
-            assert row[0].get_ylabel() == label + (f"\n{kind}" if rgb else "")
+            # the gradient's signed row names the model's median edge correlation, the number to check it against
+            edge = float(inputs.summary["model_median"].sel(model=model, subset=inputs.subset, quantity="edge_correlation"))
+            named = f"\nedge r {edge:.2f}" if attribution == GRADIENT and kind == "signed" else ""
+            assert row[0].get_ylabel() == label + (f"\n{kind}" if rgb else "") + named
             for ax, sample in zip(row, samples):
                 g = maps.values[sample]
                 expected = g.sum(axis=0) if kind == "signed" else np.linalg.norm(g, axis=0)
@@ -622,7 +626,10 @@ def test_the_gallery_shows_the_picked_images_and_the_maps_of_each_grid_points_fi
     rows = [(model_name(GRADNORM, lam, seed), GRADIENT, f"λ={lam:g}\n(seed {seed})") for lam, seed in ((0.0, 0), (0.01, 1), (0.1, 0))]
     assert DEGENERATE == model_name(GRADNORM, 0.01, 0)
     assert_gallery(fig, inputs, rows)
-    assert fig.get_suptitle() == r"Saliency maps $\nabla\Psi^{F(x)}(x)$, one row per grid point by λ"
+    assert fig.get_suptitle() == (
+        r"Saliency maps $\nabla\Psi^{F(x)}(x)$, one row per grid point by λ"
+        "\n(edge r: the model's median correlation of |saliency| with the image's Sobel edges)"
+    )
 
 
 def test_a_long_gallery_shows_each_methods_extreme_strengths(lambdas, monkeypatch) -> None:  # noqa: ANN001

@@ -34,6 +34,7 @@ def fake_metrics(method: str, strength: float, i: int) -> xr.Dataset:
     per_image = {q: rng.uniform(0.1, 1.0, N) for q in (
         "alignment_cosine", "linearized_robustness", "homogeneity", "homogeneous_term", "bias_term_signed",
         "bound_angle_term", "bound_bias_term")}  # fmt: skip
+    per_image["edge_correlation"] = np.random.default_rng(1000 + i).uniform(0.1, 1.0, N)  # its own draws: the others stay as they were
     per_image |= {"alignment": alignment, "robustness": robustness, "correct": rng.uniform(size=N) < 0.8}
     ds = xr.Dataset({k: ("sample", v, {"long_name": k, "units": "1"}) for k, v in per_image.items()}, coords={"sample": np.arange(N)})
     scale = np.array([1.0, 0.8, 0.6])[None, :]  # smoothgrad and IG: proportional alignment, so trends keep their sign

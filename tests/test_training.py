@@ -18,6 +18,7 @@ from saliency_robustness.config import validate_config
 from saliency_robustness.data import InputSpace
 from saliency_robustness.errors import TrainingDiverged
 from saliency_robustness.models import CHECKPOINT, load_model
+from saliency_robustness.optimization import make_scheduler
 from saliency_robustness.pgd import AdversarialTraining, adversarial_batch, pgd_l2
 from saliency_robustness.regularizers import PENALTY_EPS, input_gradient_penalty, regularized_loss
 from saliency_robustness.stages.training import fit, model_spec, train_stage
@@ -86,6 +87,37 @@ def test_regularized_loss_is_mean_cross_entropy_plus_lambda_mean_penalty() -> No
         cross_entropy = 2 * np.abs(model(x).numpy()).max(axis=1) + np.log(3) + 2 * logit_operands.max(axis=1)
     tolerance = float_tolerance(torch.float64, cross_entropy.mean(), terms=n + 3) + 0.37 * penalty_tolerance(model, x, y, "loss", 2.0).mean()
     assert_within(terms.loss, expected, tolerance)
+
+
+def test_label_smoothing_smooths_the_cross_entropy_term_and_not_the_penalty() -> None:
+    """docs/spec.md §3: the cross-entropy of the target (1 - eta) e_y + eta / K, plus lambda
+    times the penalty of the plain loss's input gradient."""
+    model = smooth_model()
+    x = torch.randn(6, 1, 3, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1, 0, 2])
+    eta = 0.2
+    terms = regularized_loss(model, x, y, lam=0.37, label_smoothing=eta, **EXACT)
+    target = (1 - eta) * F.one_hot(y, 3).double() + eta / 3
+    smoothed = -(target * F.log_softmax(model(x), dim=1)).sum(dim=1).mean()
+    plain_penalty = per_example_penalty(model, x, y, "loss", 2.0).mean()
+    torch.testing.assert_close(terms.penalty, plain_penalty.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(terms.loss, smoothed + 0.37 * plain_penalty, rtol=1e-12, atol=0)
+    assert not torch.isclose(smoothed, F.cross_entropy(model(x), y))  # the smoothing changed the term
+
+
+def test_triangular_schedule_warms_up_linearly_then_decays_to_zero() -> None:
+    weight = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=0.2)
+    train = {"schedule": "triangular", "epochs": 2, "warmup_fraction": 0.25, "lr_step_epochs": 1, "lr_gamma": 0.1}
+    scheduler = make_scheduler(optimizer, train, steps_per_epoch=10)  # 20 steps, the first 5 warming up
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [0.2 * (s + 1) / 5 for s in range(5)] + [0.2 * (20 - s) / 15 for s in range(5, 20)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-12)
+    assert max(rates) == pytest.approx(0.2) and optimizer.param_groups[0]["lr"] == 0.0  # the peak, then 0 after the last step
 
 
 def test_parameter_gradient_of_regularized_loss_matches_finite_differences() -> None:
