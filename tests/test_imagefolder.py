@@ -482,6 +482,24 @@ def test_a_fine_tune_starts_from_the_base_models_exact_weights(folder_root: Path
     assert "\n" not in str(info.value) and not (tmp_path / "refused").exists()
 
 
+def test_a_base_of_zero_epochs_is_the_initial_weights_as_they_are(folder_root: Path, tmp_path: Path) -> None:
+    """config/imagenet.yaml's contract (pretrain.epochs 0): models/base/ holds model.weights
+    bit for bit, measured on the test split like every model, with an empty training log."""
+    source = build_model(resnet_spec(seed=7))
+    torch.save(source.backbone.state_dict(), tmp_path / "init.pt")
+    config = imagefolder_config()
+    config["model"]["weights"] = str(tmp_path / "init.pt")
+    config["pretrain"]["epochs"] = 0
+    recipe = pretrain_settings(config)
+    base = {"name": BASE_MODEL, "method": BASE, "strength": 0.0, "dataset": config["dataset"], "model": config["model"], "train": recipe}
+    pretrain_stage(spec=model_spec(**base), dataset=config["dataset"], train=recipe, data_root=folder_root, output=tmp_path / "base")
+    weights = torch.load(tmp_path / "base" / CHECKPOINT, weights_only=True)
+    for key, value in source.state_dict().items():
+        assert torch.equal(weights[key], value), key
+    assert json.loads((tmp_path / "base" / "test_accuracy.json").read_text())["test_images"] == 12
+    assert (tmp_path / "base" / "training_log.csv").read_text().count("\n") == 1  # the header only
+
+
 def test_folder_with_other_class_count_than_the_model_is_rejected(folder_root: Path, tmp_path: Path) -> None:
     s = stage_settings()
     spec = model_spec(
