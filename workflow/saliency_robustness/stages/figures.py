@@ -146,8 +146,11 @@ def _against_lambda(ax: plt.Axes, inputs: FigureInputs, models: pd.DataFrame, gr
 
 def _gradnorm_only(inputs: FigureInputs) -> str:
     """A note for the figures against λ when other methods' models (no λ) are left out."""
-    others = [m for m in inputs.methods if m != GRADNORM]
-    return f"\n(gradnorm models only; {', '.join(others)} models have no λ and are in the other figures)" if others else ""
+    others = [m for m in inputs.methods if m not in (GRADNORM, BASE)]
+    note = f"{', '.join(others)} models have no λ and are in the other figures" if others else ""
+    if BASE in inputs.methods:  # the trends in the title count it as λ = 0; it is drawn in the other figures
+        note = "; ".join(filter(None, ["the base model (λ = 0 in the trends above) is drawn in the other figures", note]))
+    return f"\n(gradnorm models only; {note})" if note else ""
 
 
 def accuracy_robustness_vs_lambda(inputs: FigureInputs) -> plt.Figure:
