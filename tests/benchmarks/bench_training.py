@@ -3,6 +3,7 @@ differentiated exactly (double backprop) or by finite differences.
 
     python tests/benchmarks/bench_training.py [--config config/config.yaml] [--data-root ../shared/data]
         [--lambdas 0 1] [--penalty-gradients exact finite_difference] [--epochs 1] [--threads 1]
+        [--model-options JSON] [--train-options JSON] [--n-train N]
 
 Trains the configured architecture for the configured batch size and optimizer on the
 configured training subset, and prints a markdown table of seconds per epoch and the
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model-options", type=json.loads, default=None, help='JSON merged over model.options, e.g. {"widths": [32, 64, 128]}')
     parser.add_argument("--n-train", type=int, default=None, help="override train.n_train")
+    parser.add_argument("--train-options", type=json.loads, default=None, help='JSON merged over train, e.g. {"channels_last": true}')
     parser.add_argument("--loading", action="store_true", help="time reading the training batches per dataset.decode (image folders)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -63,6 +65,8 @@ def main() -> None:
         config["model"]["options"] = {**config["model"]["options"], **args.model_options}
     if args.n_train:
         config["train"]["n_train"] = args.n_train
+    if args.train_options:
+        config["train"] = {**config["train"], **args.train_options}
     if args.loading:
         time_loading(config, args.data_root)
         return
