@@ -3,6 +3,7 @@
 import re
 import sys
 
+from snakemake.exceptions import WorkflowError
 from saliency_robustness.config import DATASET_CLASSES, validate_config
 from saliency_robustness.errors import PipelineError
 from saliency_robustness.figure_list import QUALITY_FIGURES, figures_for
@@ -151,9 +152,17 @@ def train_inputs(wildcards):
     return {"base": model_dir(BASE_MODEL)} if BASE_INIT else {}
 
 
-# the pretrain job runs alone at the start of the DAG, so it may take every core of the run
-# (pretrain.threads overrides; on a cluster, where the run has no core count, set it)
-PRETRAIN_THREADS = config["pretrain"]["threads"] or workflow.cores
+def pretrain_threads() -> int:
+    """The pretrain job runs alone at the start of the DAG, so it may take every core of the
+    run. pretrain.threads overrides. A cluster run (--executor slurm --jobs N) has no core
+    count: there the job is sized like any training job (1) unless pretrain.threads or
+    --set-threads pretrain=N says more."""
+    if config["pretrain"]["threads"]:
+        return config["pretrain"]["threads"]
+    try:
+        return workflow.cores
+    except WorkflowError:  # no --cores: a cluster executor
+        return 1
 
 
 def resume_file(wildcards):

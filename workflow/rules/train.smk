@@ -36,7 +36,7 @@ if BASE_INIT:
             version=stage_version("pretrain", **base_settings()),
         log:
             f"{LOGS}/train/{BASE_MODEL}.log",
-        threads: PRETRAIN_THREADS
+        threads: pretrain_threads()
         resources:
             mem_mb=8000,
             runtime=480,
