@@ -16,6 +16,8 @@ from torch import nn
 
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # foolbox imports git
 
+from saliency_robustness.data import InputSpace  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 # the offline MNIST copy beside the checkout; SALIENCY_ROBUSTNESS_DATA_ROOT overrides it
 DATA_ROOT = Path(os.environ.get("SALIENCY_ROBUSTNESS_DATA_ROOT", REPO.parent / "shared" / "data"))
@@ -87,6 +89,44 @@ def affine_boundary_tolerance(weight: Any, bias: Any, x: Any, moved: Any = 0.0) 
     operands = np.abs(x) @ np.abs(w).T + np.abs(b) + np.reshape(moved, (-1, 1)) * np.linalg.norm(w, axis=1)
     pairs = min(np.linalg.norm(w[i] - w[j]) for i in range(len(w)) for j in range(i))
     return float_tolerance(np.float32, np.sort(operands, axis=1)[:, -2:].sum(axis=1), terms=x.shape[1] + 1) / pairs
+
+
+# the affine model of the attack tests: its rho is known in closed form
+# wide bounds: the box never binds, so the affine model's rho is the distance to a hyperplane
+WIDE = InputSpace(pixel_offset=(0.0,), pixel_bounds=(-20.0, 20.0))
+
+
+def affine_model(seed: int = 0, classes: int = 10, size: int = 8) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(size * size, classes)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(classes, size * size, generator=g))
+        linear.bias.copy_(torch.randn(classes, generator=g))
+    return nn.Sequential(nn.Flatten(), linear).eval()
+
+
+def affine_images(n: int = 50, seed: int = 1, size: int = 8) -> torch.Tensor:
+    return torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def exact_robustness(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """``rho = min_j (Psi^i - Psi^j) / ||w_i - w_j||``: the exact distance of an affine model."""
+    linear = model[1]
+    with torch.no_grad():
+        logits = model(x).double()
+    weight = linear.weight.double()
+    prediction = logits.argmax(1)
+    rho = []
+    for k, i in enumerate(prediction):
+        others = [j for j in range(len(weight)) if j != i]
+        rho.append(min(((logits[k, i] - logits[k, j]) / (weight[i] - weight[j]).norm()).item() for j in others))
+    return np.array(rho)
+
+
+def distance_tolerance(model: nn.Module, x: torch.Tensor, norms: np.ndarray | float = 0.0) -> np.ndarray:
+    """How far below :func:`exact_robustness` (from float32 logits) a verified float32 adversarial of the affine model,
+    ``norms`` away from ``x``, may lie: both see boundaries moved by float32 rounding (``affine_boundary_tolerance``)."""
+    return affine_boundary_tolerance(model[1].weight, model[1].bias, x, norms)
 
 
 def reduction_terms(model: nn.Module) -> int:

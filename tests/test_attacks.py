@@ -16,55 +16,18 @@ import xarray as xr
 from foolbox.attacks.base import MinimizationAttack
 from torch import nn
 
-from conftest import affine_boundary_tolerance, assert_within, float_tolerance, mnist_cnn_spec
+from conftest import WIDE, affine_images, affine_model, assert_within, distance_tolerance, exact_robustness, float_tolerance, mnist_cnn_spec
 from saliency_robustness.config import load_config
 from saliency_robustness.data import InputSpace, eval_dataset
-from saliency_robustness.ensemble import best_adversarials, make_attack, run_attack, run_ensemble, verify_adversarials
+from saliency_robustness.ensemble import ATTACKS, best_adversarials, make_attack, run_attack, run_ensemble, verify_adversarials
 from saliency_robustness.errors import ConfigError
-from saliency_robustness.foolbox_fixes import ATTACKS, CorrectedL2FMNAttack, GuardedL2CarliniWagnerAttack
+from saliency_robustness.foolbox_fixes import CorrectedL2FMNAttack, GuardedL2CarliniWagnerAttack
 from saliency_robustness.models import build_model, save_model
 from saliency_robustness.robustness import combine_attacks, smallest_verified
 from saliency_robustness.stages.attacks import attack_stage
 from saliency_robustness.stores import open_store, write_store
 
 REPO = Path(__file__).resolve().parents[1]
-# wide bounds: the box never binds, so the affine model's rho is the distance to a hyperplane
-WIDE = InputSpace(pixel_offset=(0.0,), pixel_bounds=(-20.0, 20.0))
-
-
-def affine_model(seed: int = 0, classes: int = 10, size: int = 8) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    linear = nn.Linear(size * size, classes)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(classes, size * size, generator=g))
-        linear.bias.copy_(torch.randn(classes, generator=g))
-    return nn.Sequential(nn.Flatten(), linear).eval()
-
-
-def affine_images(n: int = 50, seed: int = 1, size: int = 8) -> torch.Tensor:
-    return torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def exact_robustness(model: nn.Module, x: torch.Tensor) -> np.ndarray:
-    """``rho = min_j (Psi^i - Psi^j) / ||w_i - w_j||``: the exact distance of an affine model."""
-    linear = model[1]
-    with torch.no_grad():
-        logits = model(x).double()
-    weight = linear.weight.double()
-    prediction = logits.argmax(1)
-    rho = []
-    for k, i in enumerate(prediction):
-        others = [j for j in range(len(weight)) if j != i]
-        rho.append(min(((logits[k, i] - logits[k, j]) / (weight[i] - weight[j]).norm()).item() for j in others))
-    return np.array(rho)
-
-
-def distance_tolerance(model: nn.Module, x: torch.Tensor, norms: np.ndarray | float = 0.0) -> np.ndarray:
-    """How far below :func:`exact_robustness` (from float32 logits) a verified float32 adversarial of the affine model,
-    ``norms`` away from ``x``, may lie: both see boundaries moved by float32 rounding (``affine_boundary_tolerance``)."""
-    return affine_boundary_tolerance(model[1].weight, model[1].bias, x, norms)
-
-
 def config_ensemble(config: str = "config/config.yaml") -> dict[str, dict]:
     return load_config(REPO / config)["attacks"]["ensemble"]
 

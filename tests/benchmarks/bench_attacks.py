@@ -2,7 +2,8 @@
 
     python tests/benchmarks/bench_attacks.py [--config config/config.yaml] [--models DIR ...]
         [--eval-store STORE] [--images 100] [--factor 10] [--threads 2] [--batch-size N]
-        [--train LAMBDA ...] [--data-root ../shared/data]
+        [--train LAMBDA ...] [--data-root ../shared/data] [--outside-steps 1000]
+        [--outside-cache DIR] [--outside-only]
 
 Models: ``--models`` directories, else ``results/<experiment>/models/*`` of the config, else
 (``--train``) models of the config's training settings trained into a temporary directory.
@@ -14,19 +15,20 @@ Prints two markdown tables:
    model, so comparable across machines), claimed and verified successes, median verified
    norm, and how often the attack gave the ensemble's rho;
 2. per model: the ensemble's median rho against the same ensemble with ``--factor`` times
-   the steps of every attack (target: ratio <= 1.02);
+   the steps of every attack (target: ratio <= 1.005);
 3. per model (``--outside-steps``, default 1000; 0 skips it): the ensemble's median rho
    against an outside reference, minimum-norm L2 attacks of another maintained library
    (adv-lib: ALMA, DDN and FMN, ``--outside-steps`` steps each, run on the model seen from
    pixel space), every adversarial they return verified by the project's own
-   ``verify_adversarials`` (target: ratio <= 1.02). adv-lib is not a dependency of the
-   pipeline; docs/cifar10.md gives its install (visdom, which it imports, needs a workaround).
+   ``verify_adversarials`` (target: ratio <= 1.01). adv-lib is not a dependency of the
+   pipeline: ``pip install --no-deps adv-lib==0.2.8 tqdm`` (its visdom import is stubbed here).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import os
 import tempfile
 import time
@@ -100,12 +102,33 @@ def timed_ensemble(
 OUTSIDE_ATTACKS = ("ALMA", "DDN", "FMN")
 
 
+#: adv-lib's pinned release, installed without its dependencies (visdom, which it imports for
+#: its plotting callbacks only, no longer builds with current setuptools)
+ADV_LIB = "adv-lib==0.2.8"
+
+
+def stub_visdom() -> None:
+    """An empty ``visdom`` module, so that adv-lib imports without it: adv-lib only uses visdom
+    in callbacks that this benchmark never passes. For this benchmark only, never the pipeline."""
+    import importlib.util
+    import sys
+    import types
+
+    if importlib.util.find_spec("visdom") is None:
+        stub = types.ModuleType("visdom")
+        stub.Visdom = None  # type: ignore[attr-defined]
+        sys.modules["visdom"] = stub
+
+
 def require_adv_lib() -> None:
     """Stop in one line, before any attack runs, when adv-lib cannot be imported."""
+    stub_visdom()
     try:
         import adv_lib.attacks  # noqa: F401
     except ImportError as exc:
-        raise SystemExit(f"the outside check needs adv-lib ({exc}): see docs/cifar10.md for its install, or pass --outside-steps 0") from None
+        raise SystemExit(
+            f"the outside check needs adv-lib ({exc}): pip install --no-deps {ADV_LIB} tqdm, or pass --outside-steps 0"
+        ) from None
 
 
 def outside_attack(name: str, steps: int) -> Any:
@@ -140,6 +163,29 @@ def outside_reference(
             norms[name][start : start + len(x)] = verified.numpy()
     _, best = smallest_verified(np.stack([norms[name] for name in names], axis=1), axis=1)
     return best, norms, time.perf_counter() - started
+
+
+def cached_outside_reference(
+    directory: Path, model: torch.nn.Module, images: torch.Tensor, space: InputSpace, steps: int, batch_size: int, cache: Path | None
+) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
+    """:func:`outside_reference`, kept in ``cache`` (when given) under the model file's checksum,
+    the images' and the steps: the reference costs far more than the ensemble it judges, and
+    does not change when the ensemble does."""
+    if cache is None:
+        return outside_reference(model, images, space, steps, batch_size)
+    key = hashlib.blake2b(digest_size=8)
+    key.update((directory / "model.pt").read_bytes())
+    key.update(images.numpy().tobytes())
+    path = cache / f"{directory.name}-{key.hexdigest()}-{len(images)}images-{steps}steps.npz"
+    if path.exists():
+        stored = np.load(path)
+        return stored["best"], {name: stored[name] for name in OUTSIDE_ATTACKS}, float(stored["seconds"])
+    best, norms, seconds = outside_reference(model, images, space, steps, batch_size)
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, best=best, seconds=seconds, **norms)
+    partial.replace(path)
+    return best, norms, seconds
 
 
 def tightness_row(name: str, rho: np.ndarray, reference: np.ndarray, seconds: float, reference_seconds: float) -> str:
@@ -180,10 +226,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=None, help="model directories (models/<model>/)")
     parser.add_argument("--eval-store", default=None)
     parser.add_argument("--images", type=int, default=100)
-    parser.add_argument("--factor", type=int, default=10, help="budget multiple of the reference ensemble")
+    parser.add_argument("--factor", type=int, default=10, help="budget multiple of the self-check (0: none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--outside-steps", type=int, default=1000, help="steps of each outside attack (0: no outside check)")
+    parser.add_argument("--outside-cache", type=Path, default=None, help="keep the outside reference here, per model and images")
+    parser.add_argument("--outside-only", action="store_true", help="compute the outside reference only (to fill --outside-cache)")
     parser.add_argument("--train", type=float, nargs="*", default=None, help="train models with these lambdas first")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -206,6 +254,10 @@ def main() -> None:
         outside_rows: list[str] = []
         for directory in dirs:
             model = load_model(directory, "cpu")
+            if args.outside_only:
+                best, _, seconds = cached_outside_reference(directory, model, images, space, args.outside_steps, batch_size, args.outside_cache)
+                print(f"{directory.name}: outside reference median {np.nanmedian(best):.4f} over {np.isfinite(best).sum()} images, {seconds:.0f} s")
+                continue
             results, costs = timed_ensemble(model, images, space, ensemble, batch_size)
             combined = combine_attacks(results)
             for name, ds in results.items():
@@ -222,29 +274,36 @@ def main() -> None:
                 f"| {directory.name} | **ensemble** | {len(images) / total:.1f} | {sum(c['gradients'] for c in costs.values()):.0f} | - | "
                 f"{len(images) - combined.attrs['attack_failures']} | {np.nanmedian(combined['robustness'].values):.4f} | - |"
             )
-            longer, longer_costs = timed_ensemble(model, images, space, longer_budget(ensemble, args.factor), batch_size)
             rho = combined["robustness"].values
-            reference = combine_attacks(longer)["robustness"].values
-            tightness_rows.append(tightness_row(directory.name, rho, reference, total, sum(c["seconds"] for c in longer_costs.values())))
+            if args.factor:
+                longer, longer_costs = timed_ensemble(model, images, space, longer_budget(ensemble, args.factor), batch_size)
+                reference = combine_attacks(longer)["robustness"].values
+                tightness_rows.append(tightness_row(directory.name, rho, reference, total, sum(c["seconds"] for c in longer_costs.values())))
             if args.outside_steps:
-                best, per_attack, seconds = outside_reference(model, images, space, args.outside_steps, batch_size)
+                best, per_attack, seconds = cached_outside_reference(
+                    directory, model, images, space, args.outside_steps, batch_size, args.outside_cache
+                )
                 row = tightness_row(directory.name, rho, best, total, seconds)
                 winners = {name: int(np.sum(np.isfinite(norms) & (norms == best))) for name, norms in per_attack.items()}
                 outside_rows.append(f"{row} {', '.join(f'{k} {v}' for k, v in winners.items())} |")
 
+    if args.outside_only:
+        return
     print("| model | attack | images/s | gradients/image | claimed | verified | median norm | gave rho |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(speed_rows))
-    print(f"\nEnsemble against {args.factor}x the steps of every attack (target: ratio of medians <= 1.02)\n")
     header = (
         "| model | images | median rho | median rho ({}) | ratio of medians | median ratio | 90th pct ratio | > 5 % above | seconds | seconds ({}) |"
     )
-    print(header.format(f"{args.factor}x", f"{args.factor}x"))
-    print("| --- " * 10 + "|")
-    print("\n".join(tightness_rows))
+    if tightness_rows:
+        print(f"\nEnsemble against {args.factor}x the steps of every attack (target: ratio of medians <= 1.005)\n")
+        print(header.format(f"{args.factor}x", f"{args.factor}x"))
+        print("| --- " * 10 + "|")
+        print("\n".join(tightness_rows))
     if outside_rows:
         attacks = ", ".join(OUTSIDE_ATTACKS)
-        print(f"\nEnsemble against adv-lib's {attacks} at {args.outside_steps} steps each, verified here (target: ratio of medians <= 1.02)\n")
+        target = "ratio of medians <= 1.01; images > 5 % above <= 2 %"
+        print(f"\nEnsemble against adv-lib's {attacks} at {args.outside_steps} steps each, verified here (target: {target})\n")
         print(header.format("outside", "outside") + " gave the reference |")
         print("| --- " * 11 + "|")
         print("\n".join(outside_rows))

@@ -11,8 +11,9 @@ Foolbox runs on pixels (``x + pixel_offset``, bounds ``pixel_bounds``) with the 
 wrapped as ``model(pixel - pixel_offset)``: a translation leaves L2 distances unchanged,
 and the adversarials are mapped back to the model's input space (docs/spec.md §5).
 
-The config names attack classes of :data:`saliency_robustness.foolbox_fixes.ATTACKS` (the
-Foolbox attacks with their traps fixed); of the two that are used unchanged:
+The config names attack classes of :data:`ATTACKS`: the Foolbox attacks with their traps
+fixed (:mod:`saliency_robustness.foolbox_fixes`), the project's own ALMA
+(:mod:`saliency_robustness.alma`; Foolbox has none) and two Foolbox attacks used unchanged:
 
 - ``DDNAttack``: its step size (1.0, annealed to 0.01) and ``init_epsilon`` are absolute L2
   lengths in input units, which suits pixels in [0, 1] (MNIST rho ~ 1-3); lower
@@ -43,13 +44,57 @@ import torch
 import xarray as xr
 from torch import nn
 
+from saliency_robustness.alma import ALMAL2Attack
 from saliency_robustness.data import DISTANCE, InputSpace
 from saliency_robustness.errors import ConfigError, one_line
-from saliency_robustness.foolbox_fixes import ATTACKS, KEYWORD_RANGES
+from saliency_robustness.foolbox_fixes import BoundarySearchL2DeepFoolAttack, CorrectedL2FMNAttack, GuardedL2CarliniWagnerAttack
 from saliency_robustness.robustness import smallest_verified
 from saliency_robustness.runtime import full_precision, progress, resolve_device
 
 log = logging.getLogger(__name__)
+
+#: config class name -> attack class (with the Foolbox traps of docs/spec.md §4 fixed)
+ATTACKS: dict[str, Any] = {
+    "L2DeepFoolAttack": BoundarySearchL2DeepFoolAttack,
+    "L2CarliniWagnerAttack": GuardedL2CarliniWagnerAttack,
+    "L2FMNAttack": CorrectedL2FMNAttack,
+    "DDNAttack": fb.attacks.DDNAttack,
+    "L2BrendelBethgeAttack": fb.attacks.L2BrendelBethgeAttack,
+    "ALMAL2Attack": ALMAL2Attack,
+}
+
+
+#: what the registered attacks' numeric keywords may be: (type, lower bound, whether the bound
+#: itself is allowed). Foolbox checks none of them: ``steps: -5`` runs, succeeds nowhere and
+#: drops the attack from rho silently; ``candidates: 1`` fails at job time.
+KEYWORD_RANGES: dict[str, tuple[type, float, bool]] = {
+    "steps": (int, 1, True),
+    "binary_search_steps": (int, 1, True),
+    "boundary_search_steps": (int, 0, True),
+    "candidates": (int, 2, True),
+    "lr_num_decay": (int, 1, True),
+    "init_epsilon": (float, 0, False),
+    "gamma": (float, 0, False),
+    "max_stepsize": (float, 0, False),
+    "min_stepsize": (float, 0, False),
+    "stepsize": (float, 0, False),
+    "lr": (float, 0, False),
+    "lr_decay": (float, 0, False),
+    "initial_const": (float, 0, False),
+    "overshoot": (float, 0, True),
+    "confidence": (float, 0, True),
+    "momentum": (float, 0, True),
+    # ALMA (its constructor checks the upper ends: lr_reduction, tau <= 1, alpha < 1)
+    "check_steps": (int, 1, True),
+    "targets": (int, 0, True),
+    "seed": (int, 0, True),
+    "lr_reduction": (float, 0, False),
+    "mu_init": (float, 0, False),
+    "rho_init": (float, 0, False),
+    "tau": (float, 0, False),
+    "alpha": (float, 0, True),
+    "logit_tolerance": (float, 0, True),
+}
 
 #: relative slack on the input bounds when verifying (pixel <-> input space round-off)
 BOUNDS_TOLERANCE = 1e-5
@@ -67,7 +112,7 @@ def make_attack(name: str, kwargs: Mapping[str, Any] | None = None) -> fb.attack
         raise ConfigError(f"unknown attack class {name!r} (known: {', '.join(ATTACKS)})") from None
     try:
         return entry(**dict(kwargs or {}))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad keyword arguments for {name}: {one_line(exc)}") from None
     except ImportError as exc:  # numba for Brendel-Bethge
         raise ConfigError(f"{name} needs an optional package ({exc}); pip install 'saliency-robustness[refine]'") from None

@@ -10,8 +10,7 @@
 - ``L2DeepFoolAttack`` -> :class:`BoundarySearchL2DeepFoolAttack`: Foolbox returns its last,
   overshooting iterate; an optional bisection on the segment ``[x, x_adv]`` trims the overshoot.
 
-:data:`ATTACKS` maps the class names the config uses to these classes and to two unchanged
-Foolbox attacks (``DDNAttack``, ``L2BrendelBethgeAttack``).
+:data:`saliency_robustness.ensemble.ATTACKS` maps the config's class names to these classes.
 
 Importing foolbox needs ``git`` on PATH or ``GIT_PYTHON_REFRESH=quiet`` in the environment
 (GitPython looks for git when foolbox is imported, and its error says so); the workflow
@@ -185,36 +184,3 @@ class BoundarySearchL2DeepFoolAttack(fb.attacks.L2DeepFoolAttack):
         x, restore_type = ep.astensor_(inputs)
         is_adversarial = get_is_adversarial(get_criterion(criterion), model)
         return restore_type(boundary_search(is_adversarial, x, ep.astensor(x_adv), self.boundary_search_steps))
-
-
-#: config class name -> attack class (with the Foolbox traps of docs/spec.md §4 fixed)
-ATTACKS: dict[str, Any] = {
-    "L2DeepFoolAttack": BoundarySearchL2DeepFoolAttack,
-    "L2CarliniWagnerAttack": GuardedL2CarliniWagnerAttack,
-    "L2FMNAttack": CorrectedL2FMNAttack,
-    "DDNAttack": fb.attacks.DDNAttack,
-    "L2BrendelBethgeAttack": fb.attacks.L2BrendelBethgeAttack,
-}
-
-
-#: what the registered attacks' numeric keywords may be: (type, lower bound, whether the bound
-#: itself is allowed). Foolbox checks none of them: ``steps: -5`` runs, succeeds nowhere and
-#: drops the attack from rho silently; ``candidates: 1`` fails at job time.
-KEYWORD_RANGES: dict[str, tuple[type, float, bool]] = {
-    "steps": (int, 1, True),
-    "binary_search_steps": (int, 1, True),
-    "boundary_search_steps": (int, 0, True),
-    "candidates": (int, 2, True),
-    "lr_num_decay": (int, 1, True),
-    "init_epsilon": (float, 0, False),
-    "gamma": (float, 0, False),
-    "max_stepsize": (float, 0, False),
-    "min_stepsize": (float, 0, False),
-    "stepsize": (float, 0, False),
-    "lr": (float, 0, False),
-    "lr_decay": (float, 0, False),
-    "initial_const": (float, 0, False),
-    "overshoot": (float, 0, True),
-    "confidence": (float, 0, True),
-    "momentum": (float, 0, True),
-}
