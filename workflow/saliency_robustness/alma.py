@@ -111,7 +111,8 @@ class ALMAL2Attack(fb.attacks.base.MinimizationAttack):
     """ALMA, L2 (module docstring). ``steps`` gradient evaluations per image, plus one forward
     pass of the last iterate (and ``boundary_search_steps`` more). ``init_epsilon``: the first step's L2 length in input units
     (the paper's 0.1 for pixels in [0, 1]). ``targets`` > 0 makes an untargeted call that
-    many targeted runs, one per runner-up class (``targets`` x ``steps`` gradients). The
+    many targeted runs, one per runner-up class (``targets`` x ``steps`` gradients).
+    ``direction_seed`` seeds the random first step of an image whose gradient vanishes. The
     other keywords are the paper's constants."""
 
     distance = fb.distances.l2
@@ -131,7 +132,7 @@ class ALMAL2Attack(fb.attacks.base.MinimizationAttack):
         logit_tolerance: float = 1e-4,
         boundary_search_steps: int = 0,
         targets: int = 0,
-        seed: int = 0,
+        direction_seed: int = 0,
     ) -> None:
         if not 0 < lr_reduction <= 1:
             raise ValueError(f"lr_reduction must lie in (0, 1], got {lr_reduction!r}")
@@ -153,7 +154,7 @@ class ALMAL2Attack(fb.attacks.base.MinimizationAttack):
         self.logit_tolerance = logit_tolerance
         self.boundary_search_steps = boundary_search_steps
         self.targets = targets
-        self.seed = seed
+        self.direction_seed = direction_seed
 
     def run(self, model: fb.Model, inputs: Any, criterion: Any, *, early_stop: float | None = None, **kwargs: Any) -> Any:
         raise_if_kwargs(kwargs)
@@ -203,7 +204,7 @@ class ALMAL2Attack(fb.attacks.base.MinimizationAttack):
         best = x.detach().clone()
         best_norm = torch.full((n,), torch.inf, device=x.device)
         found_at = torch.full((n,), float(steps + 1), device=x.device)
-        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        generator = torch.Generator(device=x.device).manual_seed(self.direction_seed)
         previous_g: torch.Tensor | None = None
 
         def record(point: torch.Tensor, g: torch.Tensor, step: int) -> None:

@@ -87,7 +87,7 @@ KEYWORD_RANGES: dict[str, tuple[type, float, bool]] = {
     # ALMA (its constructor checks the upper ends: lr_reduction, tau <= 1, alpha < 1)
     "check_steps": (int, 1, True),
     "targets": (int, 0, True),
-    "seed": (int, 0, True),
+    "direction_seed": (int, 0, True),
     "lr_reduction": (float, 0, False),
     "mu_init": (float, 0, False),
     "rho_init": (float, 0, False),
