@@ -178,8 +178,14 @@ def cached_outside_reference(
     key.update(images.numpy().tobytes())
     path = cache / f"{directory.name}-{key.hexdigest()}-{len(images)}images-{steps}steps.npz"
     if path.exists():
-        stored = np.load(path)
-        return stored["best"], {name: stored[name] for name in OUTSIDE_ATTACKS}, float(stored["seconds"])
+        try:
+            with np.load(path) as stored:
+                if stored["best"].shape == (len(images),):
+                    return stored["best"], {name: stored[name] for name in OUTSIDE_ATTACKS}, float(stored["seconds"])
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"{path}: not a usable outside reference ({exc}); recomputing it")
+        else:
+            print(f"{path}: not this run's {len(images)} images; recomputing it")
     best, norms, seconds = outside_reference(model, images, space, steps, batch_size)
     cache.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.npz")

@@ -258,6 +258,6 @@ class ALMAL2Attack(fb.attacks.base.MinimizationAttack):
         vanishing = flat.norm(dim=1) <= 1e-12
         if vanishing.any():
             random = torch.randn(velocity.shape, generator=generator, device=x.device, dtype=x.dtype)
-            random = random / random.reshape(n, -1).norm(dim=1).reshape(-1, *([1] * (x.ndim - 1)))
+            random = random / _rows(random.reshape(n, -1).norm(dim=1), x.ndim)
             velocity.copy_(torch.where(_rows(vanishing, x.ndim), random, velocity))
         return first_step_size(x, velocity, bounds, self.init_epsilon)
