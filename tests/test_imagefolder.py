@@ -618,12 +618,15 @@ def test_whole_workflow_runs_on_a_synthetic_folder(folder_root: Path, tmp_path: 
 
 
 def assert_fine_tunes_rerun_without_the_base(workdir: Path, args: list[str], data_root: Path) -> None:
-    """Real dry runs after the whole run: a fine-tune setting reruns the fine-tunes (and what
-    follows) but not the pretraining; a pretrain setting reruns both."""
+    """Real dry runs after the whole run: a fine-tune setting (also one of the penalty's own,
+    which the base does not read) reruns the fine-tunes (and what follows) but not the
+    pretraining; a pretrain setting reruns both."""
     config = yaml.safe_load(TEST_CONFIG.read_text())
-    for section, rules in (("train", {"train": 2}), ("pretrain", {"pretrain": 1, "train": 2})):
-        changed = {**config, section: {**config[section], "learning_rate": 0.002}}
-        path = workdir / f"changed-{section}.yaml"
+    changes = (("train", "learning_rate", 0.002, {"train": 2}), ("train", "penalty_interval", 2, {"train": 2}),
+               ("pretrain", "learning_rate", 0.002, {"pretrain": 1, "train": 2}))  # fmt: skip
+    for section, key, value, rules in changes:
+        changed = {**config, section: {**config[section], key: value}}
+        path = workdir / f"changed-{section}-{key}.yaml"
         path.write_text(yaml.safe_dump(changed))
         plan = planned_jobs(snakemake(workdir, path, *args, "--dry-run", data_root=data_root))
-        assert {rule: plan.get(rule, 0) for rule in ("pretrain", "train")} == {"pretrain": 0, **rules}, (section, plan)
+        assert {rule: plan.get(rule, 0) for rule in ("pretrain", "train")} == {"pretrain": 0, **rules}, (section, key, plan)

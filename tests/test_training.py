@@ -20,7 +20,7 @@ from saliency_robustness.errors import TrainingDiverged
 from saliency_robustness.models import CHECKPOINT, load_model
 from saliency_robustness.optimization import make_scheduler
 from saliency_robustness.pgd import AdversarialTraining, adversarial_batch, pgd_l2
-from saliency_robustness.regularizers import PENALTY_EPS, input_gradient_penalty, regularized_loss
+from saliency_robustness.regularizers import PENALTY_EPS, input_gradient_penalty, lazy_penalty_weight, regularized_loss
 from saliency_robustness.stages.training import fit, model_spec, train_stage
 from saliency_robustness.training_data import epoch_loader, epoch_seed
 
@@ -259,6 +259,43 @@ def test_lambda_zero_matches_plain_cross_entropy_training_step_for_step() -> Non
         assert torch.equal(a, b)
 
 
+def test_lazy_penalty_weight_is_interval_times_lambda_on_every_interval_th_step() -> None:
+    weights = [lazy_penalty_weight(0.5, step, 4) for step in range(9)]
+    assert weights == [2.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 2.0]
+    assert sum(weights[:8]) / 8 == 0.5  # lambda per mini-batch on average
+    assert [lazy_penalty_weight(0.5, step, 1) for step in range(3)] == [0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match="at least 1"):
+        lazy_penalty_weight(0.5, 0, 0)
+
+
+def test_lazy_regularization_is_the_hand_written_schedule_step_for_step() -> None:
+    """penalty_interval 2 (docs/spec.md §3): mini-batches 0, 2, 4, ... counted across epochs
+    (5 per epoch here) are regularized steps of weight 2 lambda, the others plain cross-entropy
+    steps; the log has a penalty exactly on the former."""
+    model, ds = tiny_problem()
+    reference = copy.deepcopy(model)
+    train = tiny_train_config(weight_decay=1e-3, penalty_interval=2)
+    rows = fit(model, ds, train, 0.3, device=torch.device("cpu"))
+
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    losses, step = [], 0
+    for epoch in range(2):
+        torch.manual_seed(epoch_seed(train["seed"], epoch))
+        reference.train()
+        for x, y in epoch_loader(ds, train, epoch, torch.device("cpu")):
+            opt.zero_grad()
+            terms = regularized_loss(reference, x, y, lam=0.6 if step % 2 == 0 else 0.0, **EXACT)
+            terms.loss.backward()
+            opt.step()
+            losses.append(terms.loss.item())
+            step += 1
+    assert step == 10
+    assert [r["loss"] for r in rows] == pytest.approx(losses, rel=0, abs=0)
+    assert [np.isfinite(r["penalty"]) for r in rows] == [s % 2 == 0 for s in range(10)]
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_positive_lambda_changes_the_trajectory() -> None:
     plain, ds = tiny_problem()
     regularized = copy.deepcopy(plain)
@@ -278,15 +315,20 @@ def test_same_config_and_seed_give_identical_weights() -> None:
         assert torch.equal(runs[0][key], runs[1][key])
 
 
-def test_resumed_fit_reproduces_the_uninterrupted_run(tmp_path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("interval", [1, 3])
+def test_resumed_fit_reproduces_the_uninterrupted_run(tmp_path, interval: int) -> None:  # noqa: ANN001
+    """Also under lazy regularization: the resumed run counts its mini-batches on (5 per epoch,
+    so the interval 3 runs across the epochs)."""
     full, ds = tiny_problem()
-    fit(full, ds, tiny_train_config(epochs=3), 0.1, device=torch.device("cpu"))
+    fit(full, ds, tiny_train_config(epochs=3, penalty_interval=interval), 0.1, device=torch.device("cpu"))
     resumed, _ = tiny_problem()
     state = tmp_path / "state.pt"
-    fit(resumed, ds, tiny_train_config(epochs=2), 0.1, device=torch.device("cpu"), resume_file=state, resume_key="k")
+    fit(resumed, ds, tiny_train_config(epochs=2, penalty_interval=interval), 0.1, device=torch.device("cpu"), resume_file=state, resume_key="k")
     # a new process would rebuild the model from scratch; the resume file carries it on
     restarted, _ = tiny_problem()
-    rows = fit(restarted, ds, tiny_train_config(epochs=3), 0.1, device=torch.device("cpu"), resume_file=state, resume_key="k")
+    rows = fit(
+        restarted, ds, tiny_train_config(epochs=3, penalty_interval=interval), 0.1, device=torch.device("cpu"), resume_file=state, resume_key="k"
+    )
     assert rows[-1]["epoch"] == 3
     for a, b in zip(full.state_dict().values(), restarted.state_dict().values()):
         assert torch.equal(a, b)

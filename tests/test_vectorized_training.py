@@ -13,6 +13,7 @@ from torch.utils.data import Subset, TensorDataset
 
 from conftest import assert_within, float_tolerance, reduction_terms
 from saliency_robustness.config import validate_config
+from saliency_robustness.errors import ConfigError
 from saliency_robustness.regularizers import regularized_loss
 from saliency_robustness.stages.training import fit
 from saliency_robustness.vectorized import StackedModels, fit_vectorized
@@ -101,6 +102,15 @@ def test_a_few_epochs_of_vectorized_training_match_per_model_training() -> None:
         for (name, value), reference in zip(models[m].state_dict().items(), single.state_dict().values()):
             scale = max(float(initial[m][name].abs().max()), float(reference.abs().max()))
             assert_within(value, reference, float_tolerance(torch.float32, scale, terms=n), err_msg=f"model {m}: {name}")
+
+
+@pytest.mark.parametrize("option", [{"penalty_interval": 2}, {"penalty_gradient": "finite_difference"}, {"accumulation_steps": 2}])
+def test_what_the_stack_does_not_train_is_refused_in_one_line(option: dict) -> None:
+    ds = TensorDataset(torch.rand(8, 1, 8, 8), torch.randint(0, 3, (8,)))
+    models = dropout_free_models()
+    with pytest.raises(ConfigError, match=f"^train.vectorized trains with .*{next(iter(option))}: ") as info:
+        fit_vectorized(models, [ds] * 3, {**train_config(), **option}, LAMS, [0, 1, 2], device=torch.device("cpu"))
+    assert "\n" not in str(info.value)
 
 
 def test_the_vectorized_stage_writes_each_model_directory_as_the_per_model_stage_does(fake_cifar10, tmp_path) -> None:  # noqa: ANN001

@@ -78,6 +78,8 @@ def external_models(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 #: the ``train`` keys that describe the grid, not one model's recipe (no model sees them)
 _GRID_KEYS = ("lambdas", "seeds", "method", "adversarial", "init", "vectorized")
+#: the train keys that only a model with a penalty reads (the base model's settings leave them out)
+PENALTY_KEYS = ("penalty_gradient", "finite_difference_step", "penalty_interval")
 
 
 def fine_tunes_base(config: Mapping[str, Any]) -> bool:
@@ -87,8 +89,9 @@ def fine_tunes_base(config: Mapping[str, Any]) -> bool:
 
 def pretrain_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The base model's ``train`` section: the ``pretrain`` recipe (no penalty, no PGD) over
-    ``train``'s loss options (sensitivity, p: the spec's), without the grid's keys or
+    ``train``'s loss options (sensitivity, p: the spec's), without the grid's keys, the
+    penalty's own keys (a fine-tune setting: changing one must not retrain the base) or
     ``pretrain.threads`` (how many cores run it does not change what it is)."""
     recipe = {k: v for k, v in config["pretrain"].items() if k != "threads"}
-    shared = {k: v for k, v in config["train"].items() if k not in (*_GRID_KEYS, *recipe)}
+    shared = {k: v for k, v in config["train"].items() if k not in (*_GRID_KEYS, *PENALTY_KEYS, *recipe)}
     return {**shared, **recipe}

@@ -113,6 +113,16 @@ class LossTerms:
 PENALTY_GRADIENTS = ("exact", "finite_difference")
 
 
+def lazy_penalty_weight(lam: float, step: int, interval: int) -> float:
+    """The penalty weight of mini-batch ``step`` under lazy regularization (Karras et al. 2020,
+    StyleGAN2's lazy R1; docs/spec.md §3): ``interval * lam`` on every ``interval``-th
+    mini-batch (steps 0, k, 2k, ...), 0 on the others, so that the weight per mini-batch is
+    ``lam`` on average. ``interval`` 1 is the penalty on every step."""
+    if interval < 1:
+        raise ValueError(f"the penalty interval must be at least 1, not {interval}")
+    return lam * interval if step % interval == 0 else 0.0
+
+
 def regularized_loss(
     model: nn.Module,
     x: torch.Tensor,
@@ -121,14 +131,15 @@ def regularized_loss(
     lam: float,
     sensitivity: str,
     p: float,
-    penalty_gradient: str,
-    finite_difference_step: float,
+    penalty_gradient: str | None,
+    finite_difference_step: float | None,
     label_smoothing: float | None = None,
 ) -> LossTerms:
     """The training objective of docs/spec.md §3 without weight decay (the optimizer applies that).
 
     With ``lam == 0`` no input gradient is taken: the step is plain cross-entropy. The penalty
-    is differentiated exactly (double backprop) or by :func:`finite_difference_penalty`.
+    is differentiated exactly (double backprop) or by :func:`finite_difference_penalty` (whose
+    step ``finite_difference_step`` it then needs); both may be None when ``lam`` is 0.
     ``label_smoothing`` (None: none) smooths the cross-entropy term only; the penalty's
     sensitivity stays the plain loss of docs/spec.md §3.
     """
@@ -142,6 +153,8 @@ def regularized_loss(
         logits = model(x)
         penalty = input_gradient_penalty(logits, x, y, sensitivity=sensitivity, p=p).mean()
     elif penalty_gradient == "finite_difference":
+        if finite_difference_step is None:
+            raise ValueError("penalty_gradient finite_difference needs finite_difference_step")
         draws = RandomDraws(x.device)
         logits = model(x)
         s = per_example_sensitivity(logits, y, sensitivity)

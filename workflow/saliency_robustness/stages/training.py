@@ -29,6 +29,7 @@ from saliency_robustness.architectures import fit_whitening
 from saliency_robustness.data import MNIST_INPUT_SPACE, InputSpace, class_names, open_split, seeded_subset
 from saliency_robustness.errors import ConfigError, PipelineError, StoreError
 from saliency_robustness.fingerprints import fingerprint
+from saliency_robustness.grid import PENALTY_KEYS
 from saliency_robustness.models import (
     ModelSpec,
     build_model,
@@ -43,7 +44,7 @@ from saliency_robustness.models import (
 )
 from saliency_robustness.optimization import StepLog, freeze_batchnorm, make_optimizer, make_scheduler, per_step_schedule, write_log
 from saliency_robustness.pgd import AdversarialTraining, adversarial_batch
-from saliency_robustness.regularizers import LossTerms, regularized_loss
+from saliency_robustness.regularizers import LossTerms, lazy_penalty_weight, regularized_loss
 from saliency_robustness.runtime import full_precision, machine, progress, resolve_device
 from saliency_robustness.stores import atomic_directory
 from saliency_robustness.training_data import epoch_seed, training_batches
@@ -130,7 +131,10 @@ def fit(
     adversarial: AdversarialTraining | None = None,
     space: InputSpace = MNIST_INPUT_SPACE,
 ) -> list[dict[str, float]]:
-    """Train ``model`` in place with penalty weight ``lam``; return the per-step log.
+    """Train ``model`` in place with penalty weight ``lam`` (taken on every
+    ``train.penalty_interval``-th mini-batch with that many times the weight,
+    :func:`~saliency_robustness.regularizers.lazy_penalty_weight`); return the per-step log.
+    With ``lam`` 0 the penalty's keys of ``train`` are not read (the base model has none).
 
     With ``adversarial``, every batch is replaced by its PGD adversarials (inside the box of
     the input ``space``) before the step. With ``resume_file``, the state after every epoch is
@@ -147,6 +151,9 @@ def fit(
         scheduler = make_scheduler(optimizer, train, steps_per_epoch)
         per_step = per_step_schedule(train)
         start_epoch, rows = _restore(resume_file, resume_key, model, optimizer, scheduler, device)
+        # the penalty's own keys: a model trained without one (the base) has none
+        interval = train["penalty_interval"] if lam else 1
+        penalty = {key: train[key] if lam else None for key in PENALTY_KEYS if key != "penalty_interval"}
         steps = StepLog([f"PGD epsilon={adversarial.epsilon:g}; lower epsilon" if adversarial else f"lambda={lam:g}; lower lambda"], [rows])
         step = len(rows)
         batches_of = training_batches(train_set, train, device)
@@ -170,12 +177,11 @@ def fit(
                     model,
                     x,
                     y,
-                    lam=lam,
+                    lam=lazy_penalty_weight(lam, step, interval),
                     sensitivity=train["sensitivity"],
                     p=train["p"],
-                    penalty_gradient=train["penalty_gradient"],
-                    finite_difference_step=train["finite_difference_step"],
                     label_smoothing=train["label_smoothing"],
+                    **penalty,
                 )
                 # the mean over the optimizer step's batches (fewer in the epoch's last group)
                 group = min(accumulate, batches - (i // accumulate) * accumulate)
