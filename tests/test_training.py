@@ -89,6 +89,27 @@ def test_regularized_loss_is_mean_cross_entropy_plus_lambda_mean_penalty() -> No
     assert_within(terms.loss, expected, tolerance)
 
 
+def test_a_sub_batch_penalty_is_the_mean_over_its_examples_beside_the_whole_batchs_cross_entropy() -> None:
+    """train.penalty_fraction (docs/spec.md §3): the penalty's mean over the first n examples,
+    the cross-entropy's over all of them."""
+    model = smooth_model()
+    x = torch.randn(6, 1, 3, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1, 0, 2])
+    terms = regularized_loss(model, x, y, lam=0.37, penalty_examples=2, **EXACT)
+    head = per_example_penalty(model, x[:2], y[:2], "loss", 2.0).mean()
+    assert not torch.isclose(head, per_example_penalty(model, x, y, "loss", 2.0).mean())  # the sub-batch is another mean
+    logit_operands, _, n = tanh_mlp_operands(model, x)
+    with torch.no_grad():
+        cross_entropy = 2 * np.abs(model(x).numpy()).max(axis=1) + np.log(3) + 2 * logit_operands.max(axis=1)
+    penalty_error = penalty_tolerance(model, x[:2], y[:2], "loss", 2.0).mean()
+    assert_within(terms.penalty, head.detach(), penalty_error)
+    tolerance = float_tolerance(torch.float64, cross_entropy.mean(), terms=n + 3) + 0.37 * penalty_error
+    assert_within(terms.loss, F.cross_entropy(model(x), y) + 0.37 * head, tolerance)
+    assert int(terms.correct) == int((model(x).argmax(1) == y).sum())
+    with pytest.raises(ValueError, match="at least one example"):
+        regularized_loss(model, x, y, lam=0.37, penalty_examples=0, **EXACT)
+
+
 def test_label_smoothing_smooths_the_cross_entropy_term_and_not_the_penalty() -> None:
     """docs/spec.md §3: the cross-entropy of the target (1 - eta) e_y + eta / K, plus lambda
     times the penalty of the plain loss's input gradient."""
@@ -120,14 +141,16 @@ def test_triangular_schedule_warms_up_linearly_then_decays_to_zero() -> None:
     assert max(rates) == pytest.approx(0.2) and optimizer.param_groups[0]["lr"] == 0.0  # the peak, then 0 after the last step
 
 
-def test_parameter_gradient_of_regularized_loss_matches_finite_differences() -> None:
+@pytest.mark.parametrize("penalty_examples", [None, 2])
+def test_parameter_gradient_of_regularized_loss_matches_finite_differences(penalty_examples: int | None) -> None:
+    """Also with the penalty on a sub-batch (two forward passes, their logits concatenated)."""
     model = smooth_model()
     x = torch.randn(4, 1, 3, 4, dtype=torch.float64)
     y = torch.tensor([2, 0, 1, 1])
     lam = 0.5
 
     def objective() -> torch.Tensor:
-        return regularized_loss(model, x, y, lam=lam, **EXACT).loss
+        return regularized_loss(model, x, y, lam=lam, penalty_examples=penalty_examples, **EXACT).loss
 
     model.zero_grad()
     objective().backward()
@@ -294,6 +317,33 @@ def test_lazy_regularization_is_the_hand_written_schedule_step_for_step() -> Non
     assert [np.isfinite(r["penalty"]) for r in rows] == [s % 2 == 0 for s in range(10)]
     for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_penalty_fraction_takes_the_penalty_on_each_batchs_first_examples_step_for_step() -> None:
+    """penalty_fraction 0.3 of batches of 8 (the last one of 5 per epoch is 8 too): the penalty
+    on the first ceil(0.3 x 8) = 3 examples of every mini-batch, with weight lambda."""
+    model, ds = tiny_problem()
+    reference = copy.deepcopy(model)
+    train = tiny_train_config(weight_decay=1e-3, penalty_fraction=0.3)
+    rows = fit(model, ds, train, 0.3, device=torch.device("cpu"))
+
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    losses = []
+    for epoch in range(2):
+        torch.manual_seed(epoch_seed(train["seed"], epoch))
+        reference.train()
+        for x, y in epoch_loader(ds, train, epoch, torch.device("cpu")):
+            opt.zero_grad()
+            terms = regularized_loss(reference, x, y, lam=0.3, penalty_examples=3, **EXACT)
+            terms.loss.backward()
+            opt.step()
+            losses.append(terms.loss.item())
+    assert [r["loss"] for r in rows] == pytest.approx(losses, rel=0, abs=0)
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)
+    full, _ = tiny_problem()
+    fit(full, ds, tiny_train_config(weight_decay=1e-3), 0.3, device=torch.device("cpu"))
+    assert not torch.equal(full[1].weight, model[1].weight)  # the sub-batch is another trajectory
 
 
 def test_positive_lambda_changes_the_trajectory() -> None:

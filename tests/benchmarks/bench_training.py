@@ -1,9 +1,11 @@
 """Training time per epoch with and without the gradient-norm regularizer, its penalty
 differentiated exactly (double backprop) or by finite differences, on every step or lazily
-(every k-th step, ``train.penalty_interval``).
+(every k-th step, ``train.penalty_interval``), on every example or on a sub-batch
+(``train.penalty_fraction``).
 
     python tests/benchmarks/bench_training.py [--config config/config.yaml] [--data-root ../shared/data]
         [--lambdas 0 1] [--penalty-gradients exact finite_difference] [--penalty-intervals 1 4]
+        [--penalty-fractions 1 0.25]
         [--epochs 1] [--threads 1] [--model-options JSON] [--train-options JSON] [--n-train N]
 
 Trains the configured architecture for the configured batch size and optimizer on the
@@ -53,6 +55,7 @@ def main() -> None:
     parser.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--penalty-gradients", nargs="+", default=["exact", "finite_difference"])
     parser.add_argument("--penalty-intervals", type=int, nargs="+", default=[1], help="train.penalty_interval values (lambda > 0)")
+    parser.add_argument("--penalty-fractions", type=float, nargs="+", default=[1.0], help="train.penalty_fraction values (lambda > 0)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model-options", type=json.loads, default=None, help='JSON merged over model.options, e.g. {"widths": [32, 64, 128]}')
@@ -79,17 +82,19 @@ def main() -> None:
 
     print(f"{len(train_set)} training images, batch {train['batch_size']}, {args.threads} threads, {args.epochs} epoch(s)")
     print(f"{config['model']['architecture']} {json.dumps(config['model']['options'])}\n")
-    print("| lambda | penalty gradient | penalty interval | seconds per epoch | images per second | ratio to lambda = 0 |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| lambda | penalty gradient | penalty interval | penalty fraction | seconds per epoch | images per second | ratio to lambda = 0 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     baseline = None
     runs = [
-        (lam, method, interval)
+        (lam, method, interval, fraction)
         for lam in args.lambdas
         for method in (["-"] if lam == 0 else args.penalty_gradients)
         for interval in ([1] if lam == 0 else args.penalty_intervals)
+        for fraction in ([1.0] if lam == 0 else args.penalty_fractions)
     ]
-    for lam, method, interval in runs:
-        settings = {**train, "penalty_gradient": "exact" if method == "-" else method, "penalty_interval": interval}
+    for lam, method, interval, fraction in runs:
+        penalty = {"penalty_gradient": "exact" if method == "-" else method, "penalty_interval": interval, "penalty_fraction": fraction}
+        settings = {**train, **penalty}
         spec = model_spec(name="bench", method="gradnorm", strength=lam, dataset=config["dataset"], model=config["model"], train=settings)
         model = build_model(spec)
         start = time.perf_counter()
@@ -97,7 +102,8 @@ def main() -> None:
         per_epoch = (time.perf_counter() - start) / args.epochs
         baseline = baseline or (per_epoch if lam == 0 else None)
         ratio = f"{per_epoch / baseline:.2f}" if baseline else "-"
-        print(f"| {lam:g} | {method} | {interval if lam else '-'} | {per_epoch:.1f} | {len(train_set) / per_epoch:.0f} | {ratio} |")
+        shown = (f"{interval}", f"{fraction:g}") if lam else ("-", "-")
+        print(f"| {lam:g} | {method} | {shown[0]} | {shown[1]} | {per_epoch:.1f} | {len(train_set) / per_epoch:.0f} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def external_models(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 #: the ``train`` keys that describe the grid, not one model's recipe (no model sees them)
 _GRID_KEYS = ("lambdas", "seeds", "method", "adversarial", "init", "vectorized")
 #: the train keys that only a model with a penalty reads (the base model's settings leave them out)
-PENALTY_KEYS = ("penalty_gradient", "finite_difference_step", "penalty_interval")
+PENALTY_KEYS = ("penalty_gradient", "finite_difference_step", "penalty_interval", "penalty_fraction")
 
 
 def fine_tunes_base(config: Mapping[str, Any]) -> bool:

@@ -134,6 +134,7 @@ def regularized_loss(
     penalty_gradient: str | None,
     finite_difference_step: float | None,
     label_smoothing: float | None = None,
+    penalty_examples: int | None = None,
 ) -> LossTerms:
     """The training objective of docs/spec.md §3 without weight decay (the optimizer applies that).
 
@@ -141,25 +142,33 @@ def regularized_loss(
     is differentiated exactly (double backprop) or by :func:`finite_difference_penalty` (whose
     step ``finite_difference_step`` it then needs); both may be None when ``lam`` is 0.
     ``label_smoothing`` (None: none) smooths the cross-entropy term only; the penalty's
-    sensitivity stays the plain loss of docs/spec.md §3.
+    sensitivity stays the plain loss of docs/spec.md §3. ``penalty_examples`` n (None: all)
+    takes the penalty's mean over the batch's first n examples only (``train.penalty_fraction``):
+    they go through the network with their input gradient, the others in a plain forward pass,
+    and the cross-entropy is the mean over all of them.
     """
     smoothing = label_smoothing or 0.0
     if lam == 0:
         logits = model(x)
         ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
         return LossTerms(ce, ce.detach(), None, (logits.argmax(1) == y).sum())
-    x = x.detach().requires_grad_(True)
+    n = len(x) if penalty_examples is None else min(penalty_examples, len(x))
+    if n < 1:
+        raise ValueError(f"the penalty needs at least one example, not {penalty_examples}")
+    head, tail = x[:n].detach().requires_grad_(True), x[n:]
     if penalty_gradient == "exact":
-        logits = model(x)
-        penalty = input_gradient_penalty(logits, x, y, sensitivity=sensitivity, p=p).mean()
+        logits = model(head)
+        penalty = input_gradient_penalty(logits, head, y[:n], sensitivity=sensitivity, p=p).mean()
     elif penalty_gradient == "finite_difference":
         if finite_difference_step is None:
             raise ValueError("penalty_gradient finite_difference needs finite_difference_step")
         draws = RandomDraws(x.device)
-        logits = model(x)
-        s = per_example_sensitivity(logits, y, sensitivity)
-        penalty = finite_difference_penalty(model, x, y, s, step=finite_difference_step, p=p, sensitivity=sensitivity, draws=draws).mean()
+        logits = model(head)
+        s = per_example_sensitivity(logits, y[:n], sensitivity)
+        penalty = finite_difference_penalty(model, head, y[:n], s, step=finite_difference_step, p=p, sensitivity=sensitivity, draws=draws).mean()
     else:
         raise ValueError(f"penalty_gradient must be one of {PENALTY_GRADIENTS}, not {penalty_gradient!r}")
+    if len(tail):
+        logits = torch.cat([logits, model(tail)])
     ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
     return LossTerms(ce + lam * penalty, ce.detach(), penalty.detach(), (logits.argmax(1) == y).sum())

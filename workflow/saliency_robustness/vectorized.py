@@ -99,8 +99,10 @@ def fit_vectorized(
     """Train ``models`` (one architecture; model ``m`` on ``train_sets[m]`` with ``lams[m]``,
     its data order drawn from ``seeds[m]``) as one :class:`StackedModels`, in place; return each
     model's per-step log, as :func:`fit` writes it. Exact penalty, in-memory data only."""
-    if train["penalty_gradient"] != "exact" or train["accumulation_steps"] != 1 or train["penalty_interval"] != 1:
-        raise ConfigError("train.vectorized trains with penalty_gradient: exact, penalty_interval: 1 and accumulation_steps: 1 only")
+    if train["penalty_gradient"] != "exact" or train["accumulation_steps"] != 1 or train["penalty_interval"] != 1 or train["penalty_fraction"] != 1:
+        raise ConfigError(
+            "train.vectorized trains with penalty_gradient: exact, penalty_interval: 1, penalty_fraction: 1 and accumulation_steps: 1 only"
+        )
     if per_step_schedule(train) or train["label_smoothing"] != 0:
         raise ConfigError("train.vectorized trains with schedule: step and label_smoothing: 0 only")
     tensors = [in_memory_tensors(ds) for ds in train_sets]

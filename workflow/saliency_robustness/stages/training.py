@@ -133,7 +133,8 @@ def fit(
 ) -> list[dict[str, float]]:
     """Train ``model`` in place with penalty weight ``lam`` (taken on every
     ``train.penalty_interval``-th mini-batch with that many times the weight,
-    :func:`~saliency_robustness.regularizers.lazy_penalty_weight`); return the per-step log.
+    :func:`~saliency_robustness.regularizers.lazy_penalty_weight`, and on the first
+    ``train.penalty_fraction`` of each mini-batch's examples); return the per-step log.
     With ``lam`` 0 the penalty's keys of ``train`` are not read (the base model has none).
 
     With ``adversarial``, every batch is replaced by its PGD adversarials (inside the box of
@@ -153,7 +154,8 @@ def fit(
         start_epoch, rows = _restore(resume_file, resume_key, model, optimizer, scheduler, device)
         # the penalty's own keys: a model trained without one (the base) has none
         interval = train["penalty_interval"] if lam else 1
-        penalty = {key: train[key] if lam else None for key in PENALTY_KEYS if key != "penalty_interval"}
+        fraction = train["penalty_fraction"] if lam else 1.0
+        penalty = {key: train[key] if lam else None for key in PENALTY_KEYS if key not in ("penalty_interval", "penalty_fraction")}
         steps = StepLog([f"PGD epsilon={adversarial.epsilon:g}; lower epsilon" if adversarial else f"lambda={lam:g}; lower lambda"], [rows])
         step = len(rows)
         batches_of = training_batches(train_set, train, device)
@@ -181,6 +183,7 @@ def fit(
                     sensitivity=train["sensitivity"],
                     p=train["p"],
                     label_smoothing=train["label_smoothing"],
+                    penalty_examples=math.ceil(fraction * len(y)) if fraction < 1 else None,
                     **penalty,
                 )
                 # the mean over the optimizer step's batches (fewer in the epoch's last group)
