@@ -4,6 +4,7 @@ Snakemake where the case is about the workflow."""
 from __future__ import annotations
 
 import importlib
+import logging
 import pickle
 import sys
 
@@ -20,7 +21,7 @@ from saliency_robustness.config import validate_config
 from saliency_robustness.data import MNIST_INPUT_SPACE, eval_dataset, open_split
 from saliency_robustness.errors import ConfigError, DataError, PipelineError
 from saliency_robustness.fingerprints import external_weights_hash
-from saliency_robustness.models import build_model, save_model
+from saliency_robustness.models import build_model, save_model, save_performance
 from saliency_robustness.stages.attacks import attack_stage
 from saliency_robustness.stages.external import external_stage
 from saliency_robustness.stores import write_store
@@ -149,8 +150,10 @@ def test_attack_settings_are_checked_by_value_before_any_job(tmp_path, attack: s
     assert one_line_error(result) == f"error: config key 'attacks.ensemble.{attack}': {says}"
 
 
-def test_an_attack_that_verifies_no_image_is_an_error_not_a_silent_drop(tmp_path) -> None:  # noqa: ANN001
-    """A model whose logits do not depend on the input: no attack can move any image."""
+def test_an_attack_that_verifies_no_image_is_an_error_not_a_silent_drop(tmp_path, caplog) -> None:  # noqa: ANN001
+    """A model whose logits do not depend on the input: no attack can move any image. That is
+    an error for a model that tested healthy (the attack's settings are at fault), and a
+    warning for one that the train stage recorded as degenerate (the summary flags it)."""
     spec = mnist_cnn_spec("gradnorm-lambda0-seed0", image_size=8)
     model = build_model(spec)
     with torch.no_grad():
@@ -160,6 +163,7 @@ def test_an_attack_that_verifies_no_image_is_an_error_not_a_silent_drop(tmp_path
     model_dir = tmp_path / "models" / spec.name
     model_dir.mkdir(parents=True)
     save_model(model, spec, model_dir)
+    save_performance(model_dir, 0.9, 0.1, 100)  # as a healthy model records it
     images = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     eval_store = write_store(eval_dataset(images, torch.arange(6), np.arange(6), MNIST_INPUT_SPACE), tmp_path / "eval.zarr")
     settings = {"name": "DDN", "attack": "DDNAttack", "kwargs": {"steps": 5}, "refine": False, "batch_size": 6, "store_adversarials": False}
@@ -171,6 +175,11 @@ def test_an_attack_that_verifies_no_image_is_an_error_not_a_silent_drop(tmp_path
     deepfool = {**settings, "name": "DeepFool", "attack": "L2DeepFoolAttack", "kwargs": {"steps": 5, "candidates": 11}}
     with pytest.raises(ConfigError, match=r"^config key 'attacks.ensemble.DeepFool': keyword candidates: 11 is more than the dataset's 10 classes$"):
         attack_stage(model_dir=model_dir, eval_store=eval_store, output=output, settings=deepfool)
+    save_performance(model_dir, 0.1, 1.0, 100)  # what it is: one class for every image
+    with caplog.at_level(logging.WARNING):
+        attack_stage(model_dir=model_dir, eval_store=eval_store, output=output, settings=settings)
+    assert "verified no adversarial on the degenerate model gradnorm-lambda0-seed0 (100% of images predicted as one class)" in caplog.text
+    assert not bool(xr.open_zarr(output)["success"].any())
 
 
 # --- image files that do not decode ------------------------------------------------------

@@ -104,7 +104,10 @@ def test_a_few_epochs_of_vectorized_training_match_per_model_training() -> None:
             assert_within(value, reference, float_tolerance(torch.float32, scale, terms=n), err_msg=f"model {m}: {name}")
 
 
-@pytest.mark.parametrize("option", [{"penalty_interval": 2}, {"penalty_fraction": 0.5}, {"penalty_gradient": "finite_difference"}, {"accumulation_steps": 2}])
+UNSTACKED = [{"penalty_interval": 2}, {"penalty_fraction": 0.5}, {"penalty_gradient": "finite_difference"}, {"accumulation_steps": 2}]
+
+
+@pytest.mark.parametrize("option", UNSTACKED)
 def test_what_the_stack_does_not_train_is_refused_in_one_line(option: dict) -> None:
     ds = TensorDataset(torch.rand(8, 1, 8, 8), torch.randint(0, 3, (8,)))
     models = dropout_free_models()

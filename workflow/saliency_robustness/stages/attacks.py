@@ -19,7 +19,7 @@ import xarray as xr
 from saliency_robustness.data import InputSpace, eval_tensors
 from saliency_robustness.ensemble import NEEDS_STARTING_POINTS, best_adversarials, check_keyword_values, run_attack
 from saliency_robustness.errors import ConfigError, PipelineError, StoreError
-from saliency_robustness.models import load_model, load_spec
+from saliency_robustness.models import degenerate_reason, load_model, load_spec, read_test_accuracy
 from saliency_robustness.runtime import machine, resolve_device
 from saliency_robustness.stores import computed_from, open_store, provenance, write_store
 
@@ -98,11 +98,18 @@ def attack_stage(
     )
     if len(images) and not bool(result["success"].any()):
         # a minimum-norm attack moves nearly every image; one that verifies none would drop out
-        # of rho without a trace
-        raise PipelineError(
-            f"attack {settings['name']} ({settings['attack']}) verified no adversarial on any of the {len(images)} evaluation images "
-            f"of model {Path(model_dir).name}: with these settings it adds nothing to rho; fix config key 'attacks.ensemble.{settings['name']}'"
-        )
+        # of rho without a trace, unless the model itself is degenerate (flagged downstream)
+        reason = degenerate_reason(*read_test_accuracy(model_dir), load_spec(model_dir).num_classes)
+        if reason:
+            log.warning(
+                "attack %s verified no adversarial on the degenerate model %s (%s): its rho stays NaN, flagged in the summary",
+                settings["name"], Path(model_dir).name, reason,
+            )  # fmt: skip
+        else:
+            raise PipelineError(
+                f"attack {settings['name']} ({settings['attack']}) verified no adversarial on any of the {len(images)} evaluation images "
+                f"of model {Path(model_dir).name}: with these settings it adds nothing to rho; fix config key 'attacks.ensemble.{settings['name']}'"
+            )
     result = result.assign_coords(sample=eval_ds["sample"].values)
     result.attrs.update(
         provenance(
