@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -259,27 +260,40 @@ def tiny_problem() -> tuple[nn.Module, TensorDataset]:
     return model, TensorDataset(x, y)
 
 
+def hand_written_run(
+    model: nn.Module, ds: TensorDataset, train: dict, step_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor]
+) -> list[float]:
+    """``fit``'s schedule written out by hand: SGD (lr 0.1, momentum 0.9, weight decay 1e-3)
+    on ``step_loss(model, x, y, step)`` for every mini-batch of the epochs, with ``fit``'s
+    dropout and data-order seeds; returns the losses."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    losses, step = [], 0
+    for epoch in range(train["epochs"]):
+        torch.manual_seed(epoch_seed(train["seed"], epoch))
+        model.train()
+        for x, y in epoch_loader(ds, train, epoch, torch.device("cpu")):
+            opt.zero_grad()
+            loss = step_loss(model, x, y, step)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+    return losses
+
+
+def assert_same_run(rows: list[dict[str, float]], losses: list[float], model: nn.Module, reference: nn.Module) -> None:
+    assert [r["loss"] for r in rows] == pytest.approx(losses, rel=0, abs=0)
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_lambda_zero_matches_plain_cross_entropy_training_step_for_step() -> None:
     model, ds = tiny_problem()
     reference = copy.deepcopy(model)
     train = tiny_train_config(weight_decay=1e-3)
     rows = fit(model, ds, train, 0.0, device=torch.device("cpu"))
-
-    # the same schedule written out by hand: SGD on mean cross-entropy
-    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    losses = []
-    for epoch in range(2):
-        torch.manual_seed(epoch_seed(train["seed"], epoch))
-        reference.train()
-        for x, y in epoch_loader(ds, train, epoch, torch.device("cpu")):
-            opt.zero_grad()
-            loss = F.cross_entropy(reference(x), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    assert [r["loss"] for r in rows] == pytest.approx(losses, rel=0, abs=0)
-    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
-        assert torch.equal(a, b)
+    losses = hand_written_run(reference, ds, train, lambda m, x, y, step: F.cross_entropy(m(x), y))
+    assert_same_run(rows, losses, model, reference)
 
 
 def test_lazy_penalty_weight_is_interval_times_lambda_on_every_interval_th_step() -> None:
@@ -299,24 +313,10 @@ def test_lazy_regularization_is_the_hand_written_schedule_step_for_step() -> Non
     reference = copy.deepcopy(model)
     train = tiny_train_config(weight_decay=1e-3, penalty_interval=2)
     rows = fit(model, ds, train, 0.3, device=torch.device("cpu"))
-
-    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    losses, step = [], 0
-    for epoch in range(2):
-        torch.manual_seed(epoch_seed(train["seed"], epoch))
-        reference.train()
-        for x, y in epoch_loader(ds, train, epoch, torch.device("cpu")):
-            opt.zero_grad()
-            terms = regularized_loss(reference, x, y, lam=0.6 if step % 2 == 0 else 0.0, **EXACT)
-            terms.loss.backward()
-            opt.step()
-            losses.append(terms.loss.item())
-            step += 1
-    assert step == 10
-    assert [r["loss"] for r in rows] == pytest.approx(losses, rel=0, abs=0)
+    losses = hand_written_run(reference, ds, train, lambda m, x, y, step: regularized_loss(m, x, y, lam=0.6 if step % 2 == 0 else 0.0, **EXACT).loss)
+    assert len(losses) == 10
+    assert_same_run(rows, losses, model, reference)
     assert [np.isfinite(r["penalty"]) for r in rows] == [s % 2 == 0 for s in range(10)]
-    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
-        assert torch.equal(a, b)
 
 
 def test_a_penalty_fraction_takes_the_penalty_on_each_batchs_first_examples_step_for_step() -> None:
@@ -326,21 +326,8 @@ def test_a_penalty_fraction_takes_the_penalty_on_each_batchs_first_examples_step
     reference = copy.deepcopy(model)
     train = tiny_train_config(weight_decay=1e-3, penalty_fraction=0.3)
     rows = fit(model, ds, train, 0.3, device=torch.device("cpu"))
-
-    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    losses = []
-    for epoch in range(2):
-        torch.manual_seed(epoch_seed(train["seed"], epoch))
-        reference.train()
-        for x, y in epoch_loader(ds, train, epoch, torch.device("cpu")):
-            opt.zero_grad()
-            terms = regularized_loss(reference, x, y, lam=0.3, penalty_examples=3, **EXACT)
-            terms.loss.backward()
-            opt.step()
-            losses.append(terms.loss.item())
-    assert [r["loss"] for r in rows] == pytest.approx(losses, rel=0, abs=0)
-    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
-        assert torch.equal(a, b)
+    losses = hand_written_run(reference, ds, train, lambda m, x, y, step: regularized_loss(m, x, y, lam=0.3, penalty_examples=3, **EXACT).loss)
+    assert_same_run(rows, losses, model, reference)
     full, _ = tiny_problem()
     fit(full, ds, tiny_train_config(weight_decay=1e-3), 0.3, device=torch.device("cpu"))
     assert not torch.equal(full[1].weight, model[1].weight)  # the sub-batch is another trajectory
